@@ -1,0 +1,147 @@
+"""``spec-collect`` end to end on a tiny config: store contents, resume after a crash, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_config
+
+from collect.main import collect
+from speculation.models.source import load_source_model
+from speculation.traces import SplitWriter, TraceStore
+from speculation.tracing.recorder import RoutingRecorder
+
+TINY = [
+    "experiment=smoke",
+    "logger=none",
+    "corpus.max_documents=40",
+    "corpus.max_document_chars=6000",
+    "model.vocab_size=300",
+    "source_train.steps=6",
+    "source_train.checkpoint_every=3",
+    "source_train.eval_every=3",
+    "source_train.eval_batches=2",
+    "trace.batch_size=4",
+    "trace.batches_per_shard=2",
+    "trace.max_tokens_per_split=1200",
+]
+
+
+def tiny_config(workdir: Path, *extra: str):
+    return compose_config("collect", [*TINY, f"workdir={workdir}", *extra])
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix != ".png"  # PNGs embed the matplotlib version, not data
+    }
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("collect")
+    collect(tiny_config(workdir))
+    return workdir
+
+
+def test_store_holds_every_split_with_consistent_geometry(collected):
+    store = TraceStore.open(collected / "traces")
+    assert store.splits == ["test", "train", "val"] or sorted(store.splits) == ["test", "train", "val"]
+    assert store.num_experts == 8 and store.max_experts_per_token == 1
+    assert store.layer_names == ["decoder.1", "decoder.3", "decoder.5", "decoder.7"]
+    assert store.manifest["geometry"]["bytes_per_expert"] == 2 * 32 * 64 * 4
+    for name in ("train", "val", "test"):
+        split = store.split(name)
+        assert 1200 <= split.num_rows < 1200 + 64  # the budget, overshot by less than one sequence
+        experts = split.array("experts")
+        assert experts.shape == (split.num_rows, 4, 1) and experts.min() >= 0  # top-1, no dropping
+        assert split.array("hidden").shape == (split.num_rows, 4, 32)
+    assert (collected / "traces" / "figures" / "expert_utilisation.png").stat().st_size > 0
+    summary = json.loads((collected / "traces" / "summary.json").read_text())
+    layer = summary["overall"]["layers"]["decoder.1"]
+    assert sum(layer["expert_load"]) == pytest.approx(1.0)
+    assert 1 / 8 <= layer["load_balance_score"] <= 1.0
+
+
+def test_traces_are_the_models_routing_of_the_recorded_tokens(collected):
+    store = TraceStore.open(collected / "traces")
+    split = store.split("val")
+    seq = split.array("seq")
+    rows = np.flatnonzero(seq == seq[0])
+    tokens = torch.from_numpy(split.rows(rows)["token"].astype(np.int64))[None]
+    model = load_source_model(collected / "source_model")
+    with torch.no_grad(), RoutingRecorder(model) as recorder:
+        model(tokens)
+        fresh = recorder.collect(torch.ones_like(tokens, dtype=torch.bool))
+    stored = split.rows(rows)
+    assert np.array_equal(stored["experts"], fresh["experts"].astype(np.int16))
+    np.testing.assert_array_equal(stored["logits"], fresh["logits"].astype(np.float16))
+
+
+def test_no_document_appears_in_two_splits(collected):
+    documents = pd.read_parquet(collected / "traces" / "documents.parquet")
+    assert documents.groupby("doc_id")["split"].nunique().max() == 1
+    assert set(documents["split"]) == {"train", "val", "test"}
+
+
+def test_rerun_reuses_everything_and_changes_no_file(collected):
+    before = file_hashes(collected / "traces")
+    collect(tiny_config(collected))
+    assert file_hashes(collected / "traces") == before
+
+
+def test_resume_after_a_crash_mid_split_gives_identical_files(collected, tmp_path, monkeypatch):
+    workdir = tmp_path / "crashed"
+    workdir.mkdir()
+    shutil.copytree(collected / "source_model", workdir / "source_model")
+    real_write = SplitWriter.write_shard
+    calls = {"n": 0}
+
+    def crash_on_third_shard(self, index, arrays):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            (self.directory / f"shard-{index:05d}.tmp").mkdir()  # a half-written shard left behind
+            raise KeyboardInterrupt("simulated kill")
+        return real_write(self, index, arrays)
+
+    monkeypatch.setattr(SplitWriter, "write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        collect(tiny_config(workdir))
+    assert not (workdir / "traces" / "manifest.json").exists()  # an interrupted store never looks complete
+    with pytest.raises(FileNotFoundError, match="spec-collect"):
+        TraceStore.open(workdir / "traces")
+    monkeypatch.setattr(SplitWriter, "write_shard", real_write)
+    collect(tiny_config(workdir))
+    assert file_hashes(workdir / "traces") == file_hashes(collected / "traces")
+
+
+def test_traces_of_another_config_are_refused(collected):
+    with pytest.raises(ValueError, match=r"different model or trace config.*trace"):
+        collect(tiny_config(collected, "trace.seq_len=32", "source_train.seq_len=64"))
+
+
+def test_empty_corpus_is_one_clear_error_and_writes_nothing(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "blank.txt").write_text("   \n")
+    workdir = tmp_path / "work"
+    with pytest.raises(ValueError, match=r"blank|no documents|empty") as err:
+        collect(tiny_config(workdir, "corpus=text_files", f"corpus.glob={tmp_path}/docs/*.txt"))
+    assert "\n" not in str(err.value)
+    assert not (workdir / "traces" / "manifest.json").exists()
+
+
+def test_split_too_small_for_a_split_is_a_clear_error(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "only.txt").write_text("def f():\n    return 1\n" * 50)
+    with pytest.raises(ValueError, match="split 'val' is empty"):
+        collect(tiny_config(tmp_path / "work", "corpus=text_files", f"corpus.glob={docs}/*.txt"))

@@ -1,0 +1,64 @@
+"""Hydra composition and config validation: bad values fail at start with one clear message."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROUTER_PRESETS, compose_config
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ValidationError
+
+from speculation.config import CollectConfig, Gate, PipelineConfig, to_object
+
+
+@pytest.mark.parametrize("router", ROUTER_PRESETS)
+def test_every_router_preset_composes_and_validates(router):
+    cfg = to_object(compose_config("collect", [f"router={router}"]), CollectConfig)
+    assert cfg.router.max_experts_per_token <= cfg.model.num_experts
+
+
+def test_defaults_are_switch_base_8_shaped():
+    cfg = to_object(compose_config("collect"), CollectConfig)
+    assert cfg.model.num_experts == 8 and cfg.router.k == 1 and cfg.router.gate == Gate.linear
+    assert cfg.model.moe_layers == [1, 3, 5, 7, 9, 11]  # every other layer, like switch-base-8's decoder
+    assert cfg.workdir == "outputs/default"
+
+
+def test_smoke_experiment_shrinks_everything_and_names_the_workdir():
+    cfg = to_object(compose_config("pipeline", ["experiment=smoke"]), PipelineConfig)
+    assert cfg.workdir == "outputs/smoke"
+    assert cfg.source_train.steps <= 100 and cfg.model.d_model <= 64
+    assert len(cfg.model.moe_layers) >= 4  # lookahead up to d = 3 stays meaningful
+
+
+def test_unknown_router_preset_is_one_clear_error():
+    with pytest.raises(MissingConfigException, match="router/foo"):
+        compose_config("collect", ["router=foo"])
+
+
+def test_unknown_gate_type_names_the_valid_ones():
+    with pytest.raises((ValidationError, ConfigCompositionException)) as err:
+        compose_config("collect", ["router.gate=softsign"])
+    message = str(err.value) + str(err.value.__cause__)
+    assert "softsign" in message and "linear" in message and "cosine" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.num_experts=0", "model.num_experts=0 must be > 0"),
+        ("model.num_experts=-4", "model.num_experts=-4 must be > 0"),
+        ("router.k=9", "router asks for 9 experts per token but model.num_experts=8"),
+        ("router.capacity_factor=0", "router.capacity_factor=0.0 must be > 0"),
+        ("trace.seq_len=512", "trace.seq_len=512 exceeds model.max_seq_len=256"),
+        ("corpus.val_fraction=0.96", "corpus.val_fraction=0.96 and corpus.test_fraction=0.05"),
+        ("device=tpu", "device='tpu' is not auto, cpu or cuda"),
+    ],
+)
+def test_bad_values_fail_with_the_key_and_value(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        to_object(compose_config("collect", [override]), CollectConfig)
+
+
+def test_type_errors_fail_at_composition():
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        compose_config("collect", ["model.num_experts=eight"])
