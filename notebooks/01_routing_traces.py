@@ -45,8 +45,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from speculation.traces.dataset import routing_frame
-from speculation.traces.store import TraceStore
+from speculation.traces import TraceStore, routing_frame
 
 try:
     NOTEBOOK_DIR = Path(__file__).resolve().parent  # run as a script

@@ -1,6 +1,7 @@
 """Routing trace storage: sharded numpy writer/reader and dataset views."""
 
 from speculation.traces.dataset import SequenceDataset, routing_frame
+from speculation.traces.reader import TraceSplit, TraceStore
 from speculation.traces.store import (
     REQUIRED_FIELDS,
     SCHEMA_VERSION,
@@ -8,8 +9,6 @@ from speculation.traces.store import (
     ShardInfo,
     SplitWriter,
     TraceFormatError,
-    TraceSplit,
-    TraceStore,
     write_manifest,
 )
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from speculation.traces.store import TraceSplit
+from speculation.traces.reader import TraceSplit
 
 _ROUTING_COLUMNS = ("experts", "gates", "token", "doc", "pos", "seq")
 

@@ -1,4 +1,4 @@
-"""On-disk routing traces: token-major numpy shards, a manifest, and a per-token parquet table.
+"""Writing routing traces: token-major numpy shards, a manifest, and a per-token parquet table.
 
 Layout of a trace directory ``root`` (``workdir/traces``)::
 
@@ -14,6 +14,7 @@ E experts, Lh traced hidden layers, H hidden size.
 
 A shard is written into ``shard-XXXXX.tmp/`` and renamed, so a crash leaves either a complete shard or a
 ``.tmp`` directory that the next writer deletes; a collection resumes at the first incomplete shard.
+Reading lives in :mod:`speculation.traces.reader`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -282,170 +282,3 @@ def write_manifest(root: Path | str, manifest: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
     return path
-
-
-class TraceSplit:
-    """One split: memory-mapped shards plus row gathers across them."""
-
-    def __init__(self, directory: Path, name: str, entry: Mapping[str, Any]) -> None:
-        self.directory = Path(directory)
-        self.name = name
-        self.infos = [ShardInfo.from_dict(shard) for shard in entry["shards"]]
-        self._expected_rows = int(entry["rows"])
-        self._open()
-
-    def _open(self) -> None:
-        if not self.infos:
-            raise TraceFormatError(f"split {self.name!r} in the manifest has no shards; {_COLLECT_FIX}")
-        self.shards: list[dict[str, np.ndarray]] = [_load_shard(self.directory / i.name, i) for i in self.infos]
-        self.fields: tuple[str, ...] = tuple(self.shards[0])
-        for info, shard in zip(self.infos, self.shards, strict=True):
-            if tuple(shard) != self.fields:
-                raise TraceFormatError(
-                    f"{self.directory / info.name} has fields {tuple(shard)}, the first shard {self.fields}; "
-                    f"delete {self.directory} and {_COLLECT_FIX}"
-                )
-        # offsets[s] is the global row of shard s's first row; offsets[-1] == num_rows.
-        self.offsets = np.cumsum([0] + [info.rows for info in self.infos], dtype=np.int64)
-        self.num_rows = int(self.offsets[-1])
-        if self.num_rows != self._expected_rows:
-            raise TraceFormatError(
-                f"split {self.name!r} has {self.num_rows} rows in its shards but the manifest says "
-                f"{self._expected_rows}; {_COLLECT_FIX}"
-            )
-
-    # Memory maps would be pickled as full copies (e.g. to spawned DataLoader workers), so re-open instead.
-    def __getstate__(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if key != "shards"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._open()
-
-    def _check_fields(self, fields: Sequence[str]) -> None:
-        unknown = [name for name in fields if name not in self.fields]
-        if unknown:
-            raise ValueError(f"split {self.name!r} has no field(s) {unknown}; it has {list(self.fields)}")
-
-    def array(self, field: str) -> np.ndarray:
-        """All shards of one field concatenated in memory, e.g. ``experts`` -> [N, L, K]."""
-        self._check_fields([field])
-        return np.concatenate([shard[field] for shard in self.shards])
-
-    def rows(self, indices: np.ndarray, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Gather global rows [M] (any order, repeats allowed) -> {field: [M, ...]}; reads only those rows."""
-        fields = self.fields if fields is None else tuple(fields)
-        self._check_fields(fields)
-        idx_M = np.asarray(indices)
-        if idx_M.ndim != 1 or (idx_M.size and idx_M.dtype.kind not in "iu"):
-            raise ValueError(f"row indices must be a 1-D integer array, got {idx_M.dtype} {idx_M.shape}")
-        idx_M = idx_M.astype(np.int64, copy=False)
-        if idx_M.size and (idx_M.min() < 0 or idx_M.max() >= self.num_rows):
-            raise IndexError(f"rows span [{idx_M.min()}, {idx_M.max()}], split {self.name!r} has {self.num_rows}")
-        first = self.shards[0]
-        out = {name: np.empty((len(idx_M), *first[name].shape[1:]), first[name].dtype) for name in fields}
-        # Sorting by global row groups the reads per shard and makes each memmap read ascending.
-        order = np.argsort(idx_M, kind="stable")
-        sorted_idx = idx_M[order]
-        bounds = np.searchsorted(sorted_idx, self.offsets)
-        for s, shard in enumerate(self.shards):
-            lo, hi = bounds[s], bounds[s + 1]
-            if lo == hi:
-                continue
-            local = sorted_idx[lo:hi] - self.offsets[s]
-            for name in fields:
-                out[name][order[lo:hi]] = shard[name][local]
-        return out
-
-    def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
-        """Yield each shard as ``{field: read-only memmap}`` in row order."""
-        for shard in self.shards:
-            yield dict(shard)
-
-    def tokens_frame(self) -> pd.DataFrame:
-        """Per-token metadata: columns row, doc, pos, seq, token."""
-        path = self.directory / "tokens.parquet"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; re-run spec-collect (finalizing a split writes it)")
-        return pd.read_parquet(path)
-
-
-class TraceStore:
-    """A trace directory opened for reading; use ``TraceStore.open(root)``."""
-
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
-        self.root = Path(root)
-        self.manifest = manifest
-        self.splits: list[str] = sorted(manifest["splits"])
-        routing = manifest["routing"]
-        self.num_experts: int = int(routing["num_experts"])
-        self.max_experts_per_token: int = int(routing["max_experts_per_token"])
-        self.layer_names: list[str] = list(routing["layers"])
-        self._split_cache: dict[str, TraceSplit] = {}
-
-    @classmethod
-    def open(cls, root: Path | str, verify: bool = True) -> TraceStore:
-        root = Path(root)
-        path = root / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no trace manifest in {root}; run `spec-collect workdir={root.parent}` first "
-                "(an interrupted collection resumes where it stopped)"
-            )
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise TraceFormatError(f"{path} is not valid JSON ({err}); delete it and re-run spec-collect") from err
-        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        if version != SCHEMA_VERSION:
-            raise TraceFormatError(
-                f"{path} has trace schema_version {version}, this code reads version {SCHEMA_VERSION}; "
-                f"re-collect the traces: delete {root} and run spec-collect"
-            )
-        if problem := _manifest_problem(manifest):
-            raise TraceFormatError(f"{path}: {problem}; delete it and re-run spec-collect")
-        store = cls(root, manifest)
-        if verify:
-            store.verify()
-        return store
-
-    def verify(self) -> None:
-        """Hash every shard file against the manifest; TraceFormatError on the first mismatch."""
-        for split_name in self.splits:
-            for shard in self.manifest["splits"][split_name]["shards"]:
-                info = ShardInfo.from_dict(shard)
-                shard_dir = self.root / split_name / info.name
-                fix = f"delete {shard_dir} and {_COLLECT_FIX}"
-                for file_name, expected in sorted(info.sha256.items()):
-                    path = shard_dir / file_name
-                    if not path.is_file():
-                        raise TraceFormatError(f"{path} is missing; {fix}")
-                    actual = _file_sha256(path)
-                    if actual != expected:
-                        raise TraceFormatError(
-                            f"{path} is corrupted: sha256 {actual[:16]}… differs from the manifest's "
-                            f"{expected[:16]}…; {fix}"
-                        )
-
-    def split(self, name: str) -> TraceSplit:
-        if name not in self.manifest["splits"]:
-            raise ValueError(f"no split {name!r} in {self.root}; available splits: {self.splits}")
-        if name not in self._split_cache:
-            split = TraceSplit(self.root / name, name, self.manifest["splits"][name])
-            self._check_geometry(split)
-            self._split_cache[name] = split
-        return self._split_cache[name]
-
-    def _check_geometry(self, split: TraceSplit) -> None:
-        num_layers = len(self.layer_names)
-        expected = {
-            "experts": (num_layers, self.max_experts_per_token),
-            "logits": (num_layers, self.num_experts),
-        }
-        for name, trailing in expected.items():
-            shape = split.shards[0][name].shape
-            if shape[1:] != trailing:
-                raise TraceFormatError(
-                    f"{split.directory / split.infos[0].name}/{name}.npy has shape {shape}, manifest routing "
-                    f"implies [N, {trailing[0]}, {trailing[1]}]; delete {self.root} and re-run spec-collect"
-                )

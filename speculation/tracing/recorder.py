@@ -4,7 +4,7 @@ Usage::
 
     with RoutingRecorder(model) as recorder:
         model(tokens_BT, mask_BT)
-        arrays = recorder.collect({"decoder": mask_BT})   # experts [N, L, K], logits [N, L, E], ...
+        arrays = recorder.collect(mask_BT)   # experts [N, L, K], logits [N, L, E], ... of real tokens
 
 Hooks only keep references to the tensors the router already produced (no copies on the forward path), so
 tracing costs little more than the forward itself; masking and the move to numpy happen in :meth:`collect`.
@@ -39,10 +39,17 @@ class RoutingRecorder:
     ) -> None:
         self.model = model
         self.adapter = adapter or find_adapter(model)
-        sites = self.adapter.sites(model)
-        self.sites: list[RouterSite] = [s for s in sites if stack is None or s.stack == stack]
-        if not self.sites:
+        sites = [s for s in self.adapter.sites(model) if stack is None or s.stack == stack]
+        if not sites:
             raise ValueError(f"no router sites found in {type(model).__name__} (stack={stack!r}).")
+        stacks = sorted({site.stack for site in sites})
+        if len(stacks) > 1:
+            # Each stack reads its own token stream (encoder vs decoder), so their rows cannot share one table.
+            raise ValueError(
+                f"{type(model).__name__} has routers in stacks {stacks}; record one at a time (stack=...)."
+            )
+        self.stack = stacks[0]
+        self.sites: list[RouterSite] = sites
         all_sites = range(len(self.sites))
         self.hidden_sites = list(all_sites if hidden_sites is None else hidden_sites)
         bad = [i for i in self.hidden_sites if i not in all_sites]
@@ -86,31 +93,31 @@ class RoutingRecorder:
 
         return hook
 
-    def collect(self, masks: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, np.ndarray]:
+    def collect(self, mask_BT: torch.Tensor) -> dict[str, np.ndarray]:
         """Routing of the real tokens of the last forward pass, token-major, then forget it.
 
-        ``masks`` maps each stack to its bool (B, T) mask of real tokens (a bare tensor means every stack).
-        Returns float32 logits/gates/hidden, int64 experts and bool dropped, stacked over sites.
+        ``mask_BT`` is the bool mask of real tokens of the stack this recorder traces. Returns float32
+        logits/gates/hidden, int64 experts and bool dropped, stacked over sites: [N, L, ...].
         """
         missing = [site.label for i, site in enumerate(self.sites) if i not in self._captures]
         if missing:
             raise RuntimeError(f"no router output captured for {missing}; run a forward pass before collect().")
-        fields: dict[str, list[torch.Tensor]] = {"logits": [], "experts": [], "gates": [], "dropped": [], "hidden": []}
-        for index, site in enumerate(self.sites):
-            capture = self._captures[index]
-            mask = masks if isinstance(masks, torch.Tensor) else masks[site.stack]
-            keep_N = mask.reshape(-1).to(capture.logits_NE.device)
-            if keep_N.numel() != capture.logits_NE.shape[0]:
+        captures = [self._captures[i] for i in range(len(self.sites))]
+        keep_N = mask_BT.reshape(-1).to(captures[0].logits_NE.device)
+        for site, capture in zip(self.sites, captures, strict=True):
+            if capture.logits_NE.shape[0] != keep_N.numel():
                 raise ValueError(
-                    f"mask has {keep_N.numel()} positions but router {site.label} "
-                    f"saw {capture.logits_NE.shape[0]} tokens."
+                    f"mask has {keep_N.numel()} positions but router {site.label} saw {capture.logits_NE.shape[0]} "
+                    "tokens; pass the mask of the token stream this router reads."
                 )
-            fields["logits"].append(capture.logits_NE[keep_N].float())
-            fields["experts"].append(capture.experts_NK[keep_N].long())
-            fields["gates"].append(capture.gates_NK[keep_N].float())
-            fields["dropped"].append(capture.dropped_NK[keep_N].bool())
-            if index in self.hidden_sites:
-                fields["hidden"].append(capture.hidden_ND[keep_N].float())
+        # Stack over sites first, then mask once: one gather and one device-to-host copy per field.
+        fields = {
+            "logits": torch.stack([c.logits_NE for c in captures], dim=1).float(),
+            "experts": torch.stack([c.experts_NK for c in captures], dim=1).long(),
+            "gates": torch.stack([c.gates_NK for c in captures], dim=1).float(),
+            "dropped": torch.stack([c.dropped_NK for c in captures], dim=1).bool(),
+        }
+        if self.hidden_sites:
+            fields["hidden"] = torch.stack([captures[i].hidden_ND for i in self.hidden_sites], dim=1).float()
         self._captures.clear()
-        arrays = {name: torch.stack(values, dim=1).detach().cpu().numpy() for name, values in fields.items() if values}
-        return arrays
+        return {name: value[keep_N].detach().cpu().numpy() for name, value in fields.items()}
