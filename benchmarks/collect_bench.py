@@ -25,8 +25,10 @@ from speculation.config import ModelConfig, RouterConfig
 from speculation.health import RouterHealth
 from speculation.models.source import load_source_model
 from speculation.models.switch_lm import SwitchLM
+from speculation.tokenizer import PAD_ID
 from speculation.traces import SplitWriter
-from speculation.tracing.collection import make_chunks, trace_split
+from speculation.tracing.collection import trace_split
+from speculation.tracing.feeders import CausalFeeder, make_chunks
 from speculation.tracing.recorder import RoutingRecorder
 
 
@@ -91,8 +93,12 @@ def collection_throughput(model: SwitchLM, tokens: int, seq_len: int, batch: int
     chunks = make_chunks(documents, seq_len, tokens)
     with tempfile.TemporaryDirectory() as tmp, RoutingRecorder(model) as recorder:
         health = RouterHealth(recorder.layer_labels, model.cfg.num_experts)
+        feeder = CausalFeeder(pad_id=PAD_ID, hf_style=False)
         start = time.perf_counter()
-        trace_split(model, recorder, chunks, SplitWriter(tmp, "bench"), batch, 16, device, health)
+        trace_split(
+            model, feeder, {"decoder": recorder}, {"decoder": SplitWriter(tmp, "bench")}, {"decoder": health},
+            chunks, batch, 16, device,
+        )  # fmt: skip
         elapsed = time.perf_counter() - start
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
     traced = sum(len(c.ids) for c in chunks)

@@ -35,6 +35,7 @@ class Selection(StrEnum):
 
 class ModelKind(StrEnum):
     embedded = "embedded"  # the Switch LM defined in speculation/models
+    hf = "hf"  # any supported HuggingFace MoE, loaded with from_pretrained from a hub id or local dir
 
 
 class CorpusKind(StrEnum):
@@ -90,10 +91,16 @@ class RouterConfig:
 
 @dataclass
 class ModelConfig:
-    """The source MoE model. ``kind=embedded`` builds (and trains) our Switch LM."""
+    """The source MoE model. ``kind=embedded`` builds (and trains) our Switch LM; ``kind=hf`` loads ``path``.
+
+    For ``kind=hf`` the architecture fields below are ignored: the checkpoint's config defines the model.
+    """
 
     kind: ModelKind = ModelKind.embedded
-    name: str = "switch-lm"
+    name: str | None = "switch-lm"  # None: the last component of ``path``
+    path: str | None = None  # kind=hf: hub id (e.g. google/switch-base-8) or local directory
+    dtype: str = "float32"  # kind=hf: float32 | bfloat16 | float16 weights
+    encoder_fraction: float = 0.5  # encoder-decoder models: share of each traced chunk the encoder reads
     vocab_size: int = 4096
     d_model: int = 128
     num_layers: int = 12
@@ -105,6 +112,19 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.kind == ModelKind.hf:
+            _require(
+                bool(self.path),
+                "model=hf needs model.path: a hub id (e.g. google/switch-base-8) or a local checkpoint directory.",
+            )
+        _require(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"model.dtype={self.dtype!r} is not one of float32, bfloat16, float16.",
+        )
+        _require(
+            0 < self.encoder_fraction < 1,
+            f"model.encoder_fraction={self.encoder_fraction} must be in (0, 1): both encoder and decoder need tokens.",
+        )
         _positive("model.num_experts", self.num_experts, "An MoE needs at least one expert.")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "moe_every", "max_seq_len"):
             _positive(f"model.{name}", getattr(self, name))
@@ -118,6 +138,10 @@ class ModelConfig:
             "no MoE layer. Lower moe_every.",
         )
         _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1).")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or str(self.path).rstrip("/").split("/")[-1]
 
     @property
     def moe_layers(self) -> list[int]:

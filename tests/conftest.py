@@ -11,6 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B, not even offline
+# No test needs the Hub; set before transformers/huggingface_hub are imported (they read it at import time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ROUTER_PRESETS = sorted(p.stem for p in (CONF_DIR / "router").glob("*.yaml"))

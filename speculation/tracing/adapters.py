@@ -9,7 +9,8 @@ Shape legend: N tokens (the batch flattened row-major over (B, T)), E experts, K
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -59,6 +60,14 @@ class ModelAdapter:
         """Router parameters needed to re-apply this router elsewhere (the gate-lookahead baseline)."""
         return {name: param.detach().cpu() for name, param in site.module.state_dict().items()}
 
+    def routing_meta(self, model: nn.Module) -> dict[str, Any]:
+        """How a router turns logits into choices, for re-applying it (gate-lookahead) and reading its logits.
+
+        ``score``: "softmax" or "sigmoid" (DeepSeek-V3); plus any family-specific knobs (renormalisation,
+        group limits, scaling, capacity) under their config names.
+        """
+        return {"score": "softmax"}
+
 
 ADAPTERS: dict[str, ModelAdapter] = {}
 
@@ -71,6 +80,8 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
 
 def find_adapter(model: nn.Module) -> ModelAdapter:
     """The registered adapter that recognises ``model``; one clear error otherwise."""
+    import speculation.tracing.hf_adapters  # noqa: F401  (registers the HuggingFace families on first use)
+
     for adapter in ADAPTERS.values():
         if adapter.matches(model):
             return adapter
@@ -108,6 +119,10 @@ class EmbeddedSwitchAdapter(ModelAdapter):
             dropped_NK=output.dropped_BTK.reshape(num_tokens, -1),
             hidden_ND=hidden_BTD.reshape(num_tokens, -1),
         )
+
+    def routing_meta(self, model: nn.Module) -> dict[str, Any]:
+        # The router config (enums as their names) is what rebuilds a Router for the gate-lookahead baseline.
+        return {"score": "softmax", "router_config": json.loads(json.dumps(asdict(model.router_cfg), default=str))}
 
     def geometry(self, model: nn.Module) -> dict[str, Any]:
         cfg = model.cfg

@@ -1,4 +1,7 @@
-"""Cut documents into sequences, run them through a model under the recorder, and write trace shards.
+"""Run sequences through a model under the recorder and write one trace store per token stream.
+
+``traces/`` holds the stream whose routing a decode step needs (the decoder; the only stack of decoder-only
+models). An encoder-decoder model's encoder stream goes to ``traces/encoder/``, a store of its own.
 
 The batch plan is a pure function of the documents and the trace config, and every shard holds whole batches,
 so a run that resumes after a kill (skipping finished shards) feeds the model exactly the batches an
@@ -7,12 +10,11 @@ uninterrupted run would: the files come out identical, capacity dropping (which 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,107 +27,61 @@ from speculation.config import TraceConfig
 from speculation.corpus import Document
 from speculation.health import RouterHealth
 from speculation.plots import utilisation_heatmap
-from speculation.tokenizer import PAD_ID
 from speculation.traces import TRACE_FIELDS, SplitWriter, write_manifest
+from speculation.tracing.feeders import Chunk, make_chunks, sample_order
 from speculation.tracing.recorder import RoutingRecorder
 
 MANIFEST_FILE = "manifest.json"
 IDENTITY_FILE = "identity.json"
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
+PRIMARY_STACK = "decoder"
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One traced sequence: ``ids`` are tokens ``start .. start + len(ids)`` of document ``doc``."""
-
-    seq: int
-    doc: int
-    start: int
-    ids: np.ndarray
-
-
-def sample_order(doc_ids: Sequence[str], salt: str) -> list[int]:
-    """A hash-random but fixed order of documents, so a token budget takes an unbiased sample of them."""
-    return sorted(range(len(doc_ids)), key=lambda i: hashlib.sha256(f"{salt}:order:{doc_ids[i]}".encode()).digest())
-
-
-def make_chunks(documents: Sequence[np.ndarray], seq_len: int, max_tokens: int | None = None) -> list[Chunk]:
-    """Cut each document (in the given order) into pieces of at most ``seq_len`` tokens.
-
-    With ``max_tokens``, stops after the first chunk that reaches the budget.
-    """
-    chunks: list[Chunk] = []
-    total = 0
-    for doc, ids in enumerate(documents):
-        for start in range(0, len(ids), seq_len):
-            piece = np.asarray(ids[start : start + seq_len], dtype=np.int64)
-            chunks.append(Chunk(seq=len(chunks), doc=doc, start=start, ids=piece))
-            total += len(piece)
-            if max_tokens is not None and total >= max_tokens:
-                return chunks
-    return chunks
-
-
-def pad_batch(chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids (B, T) and the bool mask of real tokens."""
-    width = max(len(chunk.ids) for chunk in chunks)
-    tokens = torch.full((len(chunks), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(chunks), width), dtype=torch.bool)
-    for row, chunk in enumerate(chunks):
-        tokens[row, : len(chunk.ids)] = torch.from_numpy(chunk.ids)
-        mask[row, : len(chunk.ids)] = True
-    return tokens, mask
-
-
-def chunk_metadata(chunks: Sequence[Chunk]) -> dict[str, np.ndarray]:
-    """Per-token ``token, doc, pos, seq`` in the same (sequence, position) order as the recorder's rows."""
-    return {
-        "token": np.concatenate([chunk.ids for chunk in chunks]).astype(np.int32),
-        "doc": np.concatenate([np.full(len(c.ids), c.doc) for c in chunks]).astype(np.int32),
-        "pos": np.concatenate([np.arange(c.start, c.start + len(c.ids)) for c in chunks]).astype(np.int32),
-        "seq": np.concatenate([np.full(len(c.ids), c.seq) for c in chunks]).astype(np.int32),
-    }
+def stack_dir(traces_dir: Path, stack: str) -> Path:
+    return traces_dir if stack == PRIMARY_STACK else traces_dir / stack
 
 
 @torch.no_grad()
 def trace_split(
     model: nn.Module,
-    recorder: RoutingRecorder,
+    feeder: Any,
+    recorders: dict[str, RoutingRecorder],
+    writers: dict[str, SplitWriter],
+    healths: dict[str, RouterHealth],
     chunks: Sequence[Chunk],
-    writer: SplitWriter,
     batch_size: int,
     batches_per_shard: int,
     device: torch.device,
-    health: RouterHealth,
-    forward_kwargs: dict | None = None,
-) -> dict:
-    """Trace ``chunks`` into shards (skipping shards that already exist) and return the split's manifest entry.
+) -> dict[str, dict]:
+    """Trace ``chunks`` into shards of every stack (skipping shards already complete in all of them).
 
-    ``health`` is updated from every shard, including ones found on disk, so the summary covers the whole split.
+    Health is updated from every shard as stored, including ones found on disk, so a resumed run summarises
+    exactly what a fresh one does. Returns each stack's manifest entry for this split.
     """
+    split = next(iter(writers.values())).split
     if not chunks:
-        raise ValueError(f"split {writer.split!r} has no tokens to trace; lower corpus fractions or add documents.")
+        raise ValueError(f"split {split!r} has no tokens to trace; lower corpus fractions or add documents.")
     batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
     shards = [batches[i : i + batches_per_shard] for i in range(0, len(batches), batches_per_shard)]
     model.eval()
-    progress = tqdm(total=sum(len(c.ids) for c in chunks), desc=f"trace {writer.split}", unit="tok")
+    progress = tqdm(total=sum(len(c.ids) for c in chunks), desc=f"trace {split}", unit="tok")
     for index, shard_batches in enumerate(shards):
-        shard_tokens = sum(len(c.ids) for batch in shard_batches for c in batch)
-        if not writer.is_complete(index):
-            parts = []
+        if not all(writer.is_complete(index) for writer in writers.values()):
+            parts: dict[str, list[dict[str, np.ndarray]]] = {stack: [] for stack in writers}
             for batch in shard_batches:
-                tokens_BT, mask_BT = pad_batch(batch)
-                model(tokens_BT.to(device), mask_BT.to(device), **(forward_kwargs or {}))
-                parts.append(recorder.collect(mask_BT))
-            arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-            arrays.update(chunk_metadata([c for batch in shard_batches for c in batch]))
-            writer.write_shard(index, arrays)
-        # Health reads the stored (float16) values back, so a resumed run summarises exactly what a fresh one does.
-        arrays = writer.read_shard(index, fields=("experts", "logits", "dropped"))
-        health.update(arrays["experts"], arrays["logits"], arrays.get("dropped"))
-        progress.update(shard_tokens)
+                fed = feeder(model, batch, device)
+                for stack, (mask_BT, rows) in fed.items():
+                    parts[stack].append(recorders[stack].collect(mask_BT) | rows)
+            for stack, writer in writers.items():
+                writer.write_shard(
+                    index, {name: np.concatenate([p[name] for p in parts[stack]]) for name in parts[stack][0]}
+                )
+        for stack, writer in writers.items():
+            stored = writer.read_shard(index, fields=("experts", "logits", "dropped"))
+            healths[stack].update(stored["experts"], stored["logits"], stored.get("dropped"))
+        progress.update(sum(len(c.ids) for batch in shard_batches for c in batch))
     progress.close()
-    return writer.finalize(len(shards))
+    return {stack: writer.finalize(len(shards)) for stack, writer in writers.items()}
 
 
 def check_trace_identity(traces_dir: Path, identity: dict) -> None:
@@ -158,8 +114,36 @@ def save_router_weights(recorder: RoutingRecorder, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _stack_manifest(recorder: RoutingRecorder, model: nn.Module, traces_dir: Path, stacks: Sequence[str]) -> dict:
+    geometry = recorder.adapter.geometry(model)
+    hidden_size = geometry["d_model"] if recorder.hidden_sites else 0
+    root = stack_dir(traces_dir, recorder.stack)
+    return {
+        "stack": recorder.stack,
+        "other_stacks": {s: os.path.relpath(stack_dir(traces_dir, s), root) for s in stacks if s != recorder.stack},
+        "adapter": recorder.adapter.family,
+        "geometry": geometry,
+        "routing": {
+            "num_experts": geometry["num_experts"],
+            "max_experts_per_token": geometry["top_k"],
+            "layers": recorder.layer_labels,
+            **recorder.adapter.routing_meta(model),
+        },
+        "hidden": {"layers": recorder.hidden_sites, "size": hidden_size, "source": "the router's input"},
+        "dtypes": {name: np.dtype(dtype).name for name, dtype in TRACE_FIELDS.items()},
+        "router_weights": {"file": ROUTER_WEIGHTS_FILE, "format": recorder.adapter.family},
+    }
+
+
 def collect_traces(
     model: nn.Module,
+    feeder: Any,
     split_documents: dict[str, list[Document]],
     split_ids: dict[str, list[np.ndarray]],
     cfg: TraceConfig,
@@ -169,73 +153,67 @@ def collect_traces(
     device: torch.device,
     salt: str,
 ) -> dict:
-    """Trace every configured split into ``traces_dir`` and write the manifest (last) and ``summary.json``.
+    """Trace every configured split of every stack; write manifests (last), ``summary.json`` and figures.
 
-    Returns the summary: router health per split and over all splits.
+    Returns the primary stack's summary: router health per split and over all splits.
     """
     check_trace_identity(traces_dir, identity)
-    (traces_dir / MANIFEST_FILE).unlink(missing_ok=True)  # until the end, the store must not look complete
-    recorder = RoutingRecorder(model, hidden_sites=(cfg.hidden_layers if cfg.save_hidden else []))
-    overall = RouterHealth(recorder.layer_labels, recorder.adapter.geometry(model)["num_experts"])
-    summary: dict = {"splits": {}}
-    entries, doc_rows = {}, []
-    with recorder:
+    stacks = feeder.stacks
+    for stack in stacks:  # until the end, no store may look complete
+        (stack_dir(traces_dir, stack) / MANIFEST_FILE).unlink(missing_ok=True)
+    hidden_sites = cfg.hidden_layers if cfg.save_hidden else []
+    recorders = {stack: RoutingRecorder(model, stack=stack, hidden_sites=hidden_sites) for stack in stacks}
+    num_experts = recorders[PRIMARY_STACK].adapter.geometry(model)["num_experts"]
+    overall = {stack: RouterHealth(recorders[stack].layer_labels, num_experts) for stack in stacks}
+    summaries: dict[str, dict] = {stack: {"splits": {}} for stack in stacks}
+    entries: dict[str, dict] = {stack: {} for stack in stacks}
+    doc_rows = []
+    for recorder in recorders.values():
+        recorder.attach()
+    try:
         for split in cfg.splits:
             order = sample_order([doc.doc_id for doc in split_documents[split]], salt)
             docs = [split_documents[split][i] for i in order]
             ids = [split_ids[split][i] for i in order]
-            chunks = make_chunks(ids, cfg.seq_len, cfg.max_tokens_per_split)
-            health = RouterHealth(recorder.layer_labels, overall.num_experts)
-            entries[split] = trace_split(
-                model,
-                recorder,
-                chunks,
-                SplitWriter(traces_dir, split),
-                cfg.batch_size,
-                cfg.batches_per_shard,
-                device,
-                health,
+            chunks = make_chunks(ids, cfg.seq_len, cfg.max_tokens_per_split, min_tokens=feeder.min_tokens)
+            healths = {stack: RouterHealth(recorders[stack].layer_labels, num_experts) for stack in stacks}
+            writers = {stack: SplitWriter(stack_dir(traces_dir, stack), split) for stack in stacks}
+            split_entries = trace_split(
+                model, feeder, recorders, writers, healths, chunks, cfg.batch_size, cfg.batches_per_shard, device
             )
-            overall.merge(health)
-            summary["splits"][split] = health.summary()
+            for stack in stacks:
+                entries[stack][split] = split_entries[stack]
+                overall[stack].merge(healths[stack])
+                summaries[stack]["splits"][split] = healths[stack].summary()
             traced = np.bincount([c.doc for c in chunks], weights=[len(c.ids) for c in chunks], minlength=len(docs))
             doc_rows += [
                 {"split": split, "doc": i, "doc_id": d.doc_id, "tokens": len(t), "traced_tokens": int(n)}
                 for i, (d, t, n) in enumerate(zip(docs, ids, traced, strict=True))
             ]
-        save_router_weights(recorder, traces_dir / ROUTER_WEIGHTS_FILE)
+    finally:
+        for recorder in recorders.values():
+            recorder.detach()
 
     pd.DataFrame(doc_rows).to_parquet(traces_dir / "documents.parquet.tmp", index=False)
     os.replace(traces_dir / "documents.parquet.tmp", traces_dir / "documents.parquet")
-    summary["overall"] = overall.summary()
-    heatmap = utilisation_heatmap(
-        overall.expert_load_matrix(), recorder.layer_labels, traces_dir / "figures" / "expert_utilisation.png"
-    )
-    summary_path = traces_dir / "summary.json"
-    summary_path.with_suffix(".tmp").write_text(json.dumps(summary, indent=2))
-    os.replace(summary_path.with_suffix(".tmp"), summary_path)
-
-    geometry = recorder.adapter.geometry(model)
-    hidden_sites = recorder.hidden_sites
-    manifest = {
-        **manifest_extra,
-        "adapter": recorder.adapter.family,
-        "geometry": geometry,
-        "routing": {
-            "num_experts": geometry["num_experts"],
-            "max_experts_per_token": geometry["top_k"],
-            "layers": recorder.layer_labels,
-        },
-        "hidden": {
-            "layers": hidden_sites,
-            "size": geometry["d_model"] if hidden_sites else 0,
-            "source": "router input (the normed hidden state the router scores)",
-        },
-        "dtypes": {name: np.dtype(dtype).name for name, dtype in TRACE_FIELDS.items()},
-        "router_weights": {"file": ROUTER_WEIGHTS_FILE, "format": recorder.adapter.family},
-        "trace_config": identity["trace"],
-        "splits": entries,
-        "figures": {"expert_utilisation": str(heatmap.relative_to(traces_dir))},
-    }
-    write_manifest(traces_dir, manifest)  # last: its presence marks a complete store
-    return summary
+    for stack in stacks:
+        root, recorder = stack_dir(traces_dir, stack), recorders[stack]
+        save_router_weights(recorder, root / ROUTER_WEIGHTS_FILE)
+        summaries[stack]["overall"] = overall[stack].summary()
+        _write_json(root / "summary.json", summaries[stack])
+        heatmap = utilisation_heatmap(
+            overall[stack].expert_load_matrix(),
+            recorder.layer_labels,
+            root / "figures" / "expert_utilisation.png",
+            title=f"{stack} expert utilisation (uniform = {1 / num_experts:.3f})",
+        )
+        manifest = {
+            **manifest_extra,
+            **_stack_manifest(recorder, model, traces_dir, stacks),
+            "documents": os.path.relpath(traces_dir / "documents.parquet", root),
+            "trace_config": identity["trace"],
+            "splits": entries[stack],
+            "figures": {"expert_utilisation": str(heatmap.relative_to(root))},
+        }
+        write_manifest(root, json.loads(json.dumps(manifest, default=str)))  # last: marks a complete store
+    return summaries[PRIMARY_STACK]

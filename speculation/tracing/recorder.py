@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from speculation.tracing.adapters import ModelAdapter, RouterCapture, RouterSite, find_adapter
+from speculation.tracing.adapters import ModelAdapter, RouterSite, find_adapter
 
 
 class RoutingRecorder:
@@ -57,7 +57,7 @@ class RoutingRecorder:
             raise ValueError(
                 f"hidden layer indices {bad} are out of range: the model has {len(self.sites)} MoE layers."
             )
-        self._captures: dict[int, RouterCapture] = {}
+        self._captures: dict[int, tuple[tuple, dict, Any]] = {}
         self._handles: list[Any] = []
 
     @property
@@ -89,7 +89,9 @@ class RoutingRecorder:
                 raise RuntimeError(
                     f"router {site.label} ran twice before collect(); call collect() after every forward pass."
                 )
-            self._captures[index] = self.adapter.capture(site, args, kwargs, output)
+            # Keep references only: turning the output into a RouterCapture (argmax, slot sorting, ...) waits for
+            # collect(), off the forward path.
+            self._captures[index] = (args, kwargs, output)
 
         return hook
 
@@ -102,7 +104,7 @@ class RoutingRecorder:
         missing = [site.label for i, site in enumerate(self.sites) if i not in self._captures]
         if missing:
             raise RuntimeError(f"no router output captured for {missing}; run a forward pass before collect().")
-        captures = [self._captures[i] for i in range(len(self.sites))]
+        captures = [self.adapter.capture(site, *self._captures[i]) for i, site in enumerate(self.sites)]
         keep_N = mask_BT.reshape(-1).to(captures[0].logits_NE.device)
         for site, capture in zip(self.sites, captures, strict=True):
             if capture.logits_NE.shape[0] != keep_N.numel():
@@ -120,4 +122,7 @@ class RoutingRecorder:
         if self.hidden_sites:
             fields["hidden"] = torch.stack([captures[i].hidden_ND for i in self.hidden_sites], dim=1).float()
         self._captures.clear()
-        return {name: value[keep_N].detach().cpu().numpy() for name, value in fields.items()}
+        if not bool(keep_N.all()):  # full batches (the common case) skip the gather
+            rows_N = keep_N.nonzero().squeeze(1)
+            fields = {name: value.index_select(0, rows_N) for name, value in fields.items()}
+        return {name: value.detach().cpu().numpy() for name, value in fields.items()}
