@@ -1,17 +1,98 @@
-"""``spec-evaluate``: not built yet (issue #4). ``spec-pipeline`` runs the stages that exist."""
+"""``spec-evaluate``: score heuristics, baselines and trained predictors on a workdir's traces.
+
+spec-evaluate workdir=outputs/default
+spec-evaluate experiment=smoke eval.max_lookahead=2 eval.prefetch_budget=1
+spec-evaluate workdir=outputs/switch-base-8 eval.stack=encoder
+"""
 
 from __future__ import annotations
 
-import sys
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from speculation.config import CONF_DIR, EvaluateConfig, to_object
+from speculation.evaluation.loading import build_heuristics, load_trained_predictors
+from speculation.evaluation.report import metrics_frame, write_outputs
+from speculation.evaluation.runner import evaluate_predictors
+from speculation.traces import TraceStore
+from speculation.tracking import start_run
+
+log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    print(
-        "spec-evaluate: the evaluate stage is not built yet (issue #4). "
-        "Run spec-collect (or spec-pipeline) for the stages that exist.",
-        file=sys.stderr,
+def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
+    """Run the evaluate stage; returns the aggregate rows (layer ``all``) and the output paths."""
+    cfg = to_object(cfg, EvaluateConfig)
+    workdir = Path(cfg.workdir)
+    traces_dir = workdir / "traces" if cfg.eval.stack == "decoder" else workdir / "traces" / cfg.eval.stack
+    eval_dir = workdir / "eval" if cfg.eval.stack == "decoder" else workdir / "eval" / cfg.eval.stack
+    store = TraceStore.open(traces_dir)
+    heuristics, skipped = build_heuristics(cfg.eval.methods, store, cfg.eval.seed)
+    trained = load_trained_predictors(workdir / "predictors", store)
+    methods = heuristics + trained
+    tracker = start_run(
+        cfg.logger,
+        workdir,
+        job_type="evaluate",
+        name=f"evaluate-{store.manifest['model']['name']}-{cfg.eval.split}",
+        config=json.loads(json.dumps(asdict(cfg), default=str)),
+        default_group=cfg.experiment_name,
+        tags=[str(store.manifest["model"]["name"]), *[m.name for m in trained]],
     )
-    sys.exit(2)
+    try:
+        result = evaluate_predictors(
+            store,
+            methods,
+            split=cfg.eval.split,
+            max_lookahead=cfg.eval.max_lookahead,
+            budget=cfg.eval.prefetch_budget,
+            block_rows=cfg.eval.block_rows,
+            bootstrap=cfg.eval.bootstrap,
+            seed=cfg.eval.seed,
+            max_tokens=cfg.eval.max_tokens,
+        )
+        result.skipped = skipped
+        frame = metrics_frame(result, [m.name for m in methods])
+        documents = int(frame[frame["layer"] == "all"]["n_docs"].max())
+        context = {
+            "model": store.manifest["model"]["name"],
+            "split": cfg.eval.split,
+            "stack": cfg.eval.stack,
+            "documents": documents,
+            "bootstrap": cfg.eval.bootstrap,
+            "prefetch_budget": cfg.eval.prefetch_budget,
+            "traces": str(traces_dir),
+        }
+        paths = write_outputs(result, frame, eval_dir, context, cfg.eval.prefetch_budget)
+        aggregate = frame[frame["layer"] == "all"]
+        if tracker.enabled:
+            import wandb
+
+            tracker.log({"eval/metrics": wandb.Table(dataframe=aggregate)})
+            for _, row in aggregate.iterrows():
+                tracker.summary({f"{row['method']}/d{row['lookahead']}/top1_acc": row["top1_acc"]})
+            for name, path in paths.items():
+                if path.suffix == ".png":
+                    tracker.log_image(f"eval/{name}", path)
+        log.info(
+            "evaluation written to %s (%d tokens, %.0f tokens/s)",
+            eval_dir,
+            result.tokens,
+            result.tokens / result.seconds,
+        )
+    finally:
+        tracker.finish()
+    return {"aggregate": aggregate.to_dict(orient="records"), "paths": {k: str(v) for k, v in paths.items()}}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ type-check but make no sense (a non-positive expert count, say) when a stage con
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum  # members compare equal to their values: Gate.linear == "linear"
@@ -282,21 +283,77 @@ class CollectConfig:
                 )
 
 
+HEURISTIC_METHODS = [
+    "random",
+    "frequency",
+    "previous_token",
+    "layer_minus_1",
+    "multi_layer",
+    "pattern",
+    "adaptive",
+    "gate_lookahead",
+    "oracle",
+]
+
+
+@dataclass
+class EvalConfig:
+    """What ``spec-evaluate`` scores and how."""
+
+    split: str = "test"  # the traced split scored (predictors are fitted on train)
+    stack: str = "decoder"  # decoder: workdir/traces; encoder: workdir/traces/encoder (encoder-decoder models)
+    max_lookahead: int = 3  # lookaheads d = 1..max_lookahead
+    prefetch_budget: int = 2  # B in recall@B: experts prefetched per token and layer
+    methods: list[str] = field(default_factory=lambda: list(HEURISTIC_METHODS))  # baselines and heuristics
+    bootstrap: int = 1000  # document resamples for confidence intervals
+    seed: int = 0
+    block_rows: int = 65536  # rows per evaluation block (whole sequences; bounds memory)
+    max_tokens: int | None = None  # stop after about this many tokens (whole blocks); None = the whole split
+
+    def __post_init__(self) -> None:
+        for name in ("max_lookahead", "prefetch_budget", "block_rows"):
+            _positive(f"eval.{name}", getattr(self, name))
+        _require(self.bootstrap >= 0, f"eval.bootstrap={self.bootstrap} must be >= 0 (0 skips intervals).")
+        unknown = [m for m in self.methods if m not in HEURISTIC_METHODS]
+        _require(not unknown, f"eval.methods has unknown method(s) {unknown}; choose from {HEURISTIC_METHODS}.")
+        _require(self.stack in ("decoder", "encoder"), f"eval.stack={self.stack!r} is not decoder or encoder.")
+
+
+@dataclass
+class EvaluateConfig:
+    """``spec-evaluate``: score heuristics, baselines and trained predictors on ``workdir/traces``."""
+
+    experiment_name: str = "default"
+    workdir: str = "outputs/${experiment_name}"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
 @dataclass
 class PipelineConfig(CollectConfig):
     """``spec-pipeline``: every stage that exists, in order, on one workdir."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 Config = TypeVar("Config")
 
 
 def to_object(cfg: DictConfig | Any, schema: type[Config]) -> Config:
-    """Turn a composed DictConfig into its dataclass (running every ``__post_init__`` check)."""
+    """Turn a composed DictConfig into its dataclass (running every ``__post_init__`` check).
+
+    A dataclass of another schema (the pipeline's, say) is projected onto ``schema``'s fields.
+    """
     if isinstance(cfg, schema):
         return cfg
+    names = [f.name for f in dataclasses.fields(schema)]
+    if dataclasses.is_dataclass(cfg):
+        return schema(**{name: getattr(cfg, name) for name in names})
     if not isinstance(cfg, DictConfig):
         raise TypeError(f"expected a DictConfig or {schema.__name__}, got {type(cfg).__name__}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    # Stage configs share one schema (so experiment files apply to every stage); keep this stage's part.
+    own = OmegaConf.masked_copy(cfg, [name for name in names if name in cfg])
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), own))
 
 
 def register_configs() -> None:

@@ -1,6 +1,6 @@
 """``spec-pipeline``: every stage that exists, in order, on one workdir.
 
-Today that is ``collect``; ``train`` and ``evaluate`` join the list as they land. Each stage is the same pure
+Today that is ``collect`` then ``evaluate``; ``train`` joins the list when it lands. Each stage is the same pure
 function its own console script wraps, so ``spec-pipeline X=Y`` equals running the stages one by one with X=Y.
 """
 
@@ -14,12 +14,13 @@ import hydra
 from omegaconf import DictConfig
 
 from collect.main import collect
+from evaluate.main import evaluate
 from speculation.config import CONF_DIR, PipelineConfig, to_object
 
 log = logging.getLogger(__name__)
 
 # PipelineConfig extends every stage's config, so each stage function takes it as is.
-STAGES = {"collect": collect}
+STAGES = {"collect": collect, "evaluate": evaluate}
 
 
 def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:

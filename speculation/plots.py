@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 
 
 def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], path: Path, title: str = "") -> Path:
@@ -36,3 +37,84 @@ def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], path: Path
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def accuracy_vs_lookahead(aggregate: pd.DataFrame, path: Path, budget: int) -> Path:
+    """Top-1 accuracy (with its bootstrap CI) and recall@B vs lookahead d, one line per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for method, rows in aggregate.groupby("method", sort=False):
+        rows = rows.sort_values("lookahead")
+        line = axes[0].plot(rows["lookahead"], rows["top1_acc"], marker="o", label=method)[0]
+        axes[0].fill_between(
+            rows["lookahead"], rows["top1_ci_low"], rows["top1_ci_high"], color=line.get_color(), alpha=0.15
+        )
+        axes[1].plot(rows["lookahead"], rows["recall_at_budget"], marker="o", color=line.get_color(), label=method)
+    axes[0].set_ylabel("top-1 accuracy (95 % CI over documents)")
+    axes[1].set_ylabel(f"recall@{budget}")
+    for ax in axes:
+        ax.set_xlabel("lookahead d (layers ahead)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_xticks(sorted(aggregate["lookahead"].unique()))
+    axes[1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def reliability_diagrams(reliability: dict[str, dict], methods: list[str], lookahead: int, path: Path) -> Path:
+    """Accuracy vs confidence per 15-bin ECE bucket, one panel per method (bar width ~ token share)."""
+    columns = min(len(methods), 5)
+    rows = int(np.ceil(len(methods) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False)
+    centers = (np.arange(15) + 0.5) / 15
+    for ax, method in zip(axes.flat, methods, strict=False):
+        bins = reliability.get(f"{method}/d{lookahead}")
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+        if bins is not None:
+            count = np.asarray(bins["count"], dtype=float)
+            share = count / max(count.sum(), 1)
+            accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
+            ax.bar(centers, accuracy, width=np.clip(share * 3, 0.01, 1 / 15), color="tab:blue", alpha=0.8)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.axis("off")
+    fig.supxlabel("confidence")
+    fig.supylabel("top-1 accuracy")
+    fig.suptitle(f"reliability at lookahead d = {lookahead}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def layer_accuracy_heatmap(per_layer: pd.DataFrame, lookahead: int, path: Path) -> Path:
+    """Methods x source layer top-1 accuracy at one lookahead."""
+    table = per_layer[per_layer["lookahead"] == lookahead].pivot(
+        index="method", columns="source_layer", values="top1_acc"
+    )
+    order = list(dict.fromkeys(per_layer["method"]))
+    table = table.reindex([m for m in order if m in table.index])
+    table = table[sorted(table.columns, key=lambda name: int(str(name).split(".")[-1]))]
+    fig, ax = plt.subplots(figsize=(1.1 * len(table.columns) + 3, 0.45 * len(table) + 1.5))
+    image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(table.columns)), labels=table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(table)), labels=table.index)
+    for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
+        if not np.isnan(value):
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black"
+            )
+    ax.set_xlabel("source layer l (prediction made here)")
+    ax.set_title(f"top-1 accuracy for layer l + {lookahead}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from speculation.config import ModelConfig, RouterConfig, SourceTrainConfig
+from speculation.config import Gate, ModelConfig, RouterConfig, Selection, SourceTrainConfig
 from speculation.models.switch_lm import SwitchLM
 from speculation.tokenizer import EOS_ID, unigram_cross_entropy
 from speculation.tracking import Tracker
 
 CONFIG_FILE = "config.json"
+HF_ONLY_FIELDS = ("path", "dtype", "encoder_fraction")
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.json"
@@ -83,10 +84,14 @@ def evaluate_lm(model: SwitchLM, windows: torch.Tensor, batch_size: int, device:
 
 
 def source_identity(model: ModelConfig, router: RouterConfig, train: SourceTrainConfig, data_fingerprint: str) -> dict:
-    """Everything that determines the trained weights; a checkpoint is reused only when this matches."""
+    """Everything that determines the trained weights; a checkpoint is reused only when this matches.
+
+    Keys that only matter for HF checkpoints are left out, so they cannot invalidate an embedded model.
+    """
+    embedded = {k: v for k, v in asdict(model).items() if k not in HF_ONLY_FIELDS}
     return json.loads(
         json.dumps(
-            {"model": asdict(model), "router": asdict(router), "source_train": asdict(train), "data": data_fingerprint},
+            {"model": embedded, "router": asdict(router), "source_train": asdict(train), "data": data_fingerprint},
             default=str,
         )
     )
@@ -124,7 +129,9 @@ def load_source_model(out_dir: Path, device: torch.device | str = "cpu") -> Swit
     if not (out_dir / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {out_dir}; run `spec-collect workdir=...` to train one.")
     saved = json.loads((out_dir / CONFIG_FILE).read_text())
-    model = SwitchLM(ModelConfig(**saved["model"]), RouterConfig(**saved["router"]))
+    router = RouterConfig(**{**saved["router"], "gate": Gate(saved["router"]["gate"])})
+    router.selection = Selection(router.selection)
+    model = SwitchLM(ModelConfig(**saved["model"]), router)
     model.load_state_dict(load_file(out_dir / WEIGHTS_FILE, device="cpu"))
     return model.to(device).eval()
 

@@ -1,0 +1,142 @@
+"""Score predictors on a trace split: every (method, lookahead d, source layer l), plus the ``all`` aggregate.
+
+The prediction made at MoE layer ``l`` for lookahead ``d`` is scored against the router's real decision at layer
+``l + d`` of the same token. Only layers with a target exist (``l + d < L``). Rows of metrics.csv are keyed by
+``method, lookahead, layer`` where ``layer`` is the source layer ``l`` (``all`` pools every source layer's tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from speculation.evaluation.data import iter_batches, load_batch
+from speculation.evaluation.metrics import MetricAccumulator, token_metrics
+from speculation.predictors.base import Predictor
+from speculation.traces import TraceStore
+
+
+@dataclass
+class EvaluationResult:
+    rows: list[dict]  # one per (method, lookahead, layer|"all"), metrics.csv columns
+    reliability: dict[str, dict]  # "<method>/d<d>" -> per-bin count, confidence, accuracy (layer "all")
+    tokens: int  # evaluated tokens (rows of the split)
+    seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> why it was not evaluated
+
+
+def traces_fingerprint(store: TraceStore) -> str:
+    """Identifies the traced model: a predictor fitted on other traces must not be scored on these."""
+    manifest = store.manifest
+    identity = {
+        "model": manifest.get("model"),
+        "geometry": manifest.get("geometry"),
+        "layers": manifest["routing"]["layers"],
+        "num_experts": manifest["routing"]["num_experts"],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_request(store: TraceStore, split: str, max_lookahead: int, budget: int) -> None:
+    """One clear error for a lookahead past the last layer, a missing or empty split, a useless budget."""
+    num_layers = len(store.layer_names)
+    if max_lookahead < 1 or max_lookahead >= num_layers:
+        raise ValueError(
+            f"eval.max_lookahead={max_lookahead} but the traces have {num_layers} MoE layers "
+            f"({', '.join(store.layer_names)}): lookahead d must be in 1..{num_layers - 1}."
+        )
+    if split not in store.splits:
+        raise ValueError(f"eval.split={split!r} is not in {store.root}; traced splits: {store.splits}.")
+    if store.split(split).num_rows == 0:
+        raise ValueError(f"split {split!r} in {store.root} has no tokens; trace more documents or pick another split.")
+    if not 1 <= budget <= store.num_experts:
+        raise ValueError(f"eval.prefetch_budget={budget} must be in 1..{store.num_experts} (the expert count).")
+
+
+def evaluate_predictors(
+    store: TraceStore,
+    predictors: Sequence[Predictor],
+    split: str = "test",
+    max_lookahead: int = 3,
+    budget: int = 2,
+    block_rows: int = 65536,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    max_tokens: int | None = None,
+) -> EvaluationResult:
+    """Fit every predictor on the train split, then score it causally on ``split``."""
+    check_request(store, split, max_lookahead, budget)
+    score = store.manifest["routing"].get("score", "softmax")
+    hidden_layers = list(store.manifest.get("hidden", {}).get("layers", []))
+    if "train" in store.splits:
+        train = store.split("train")
+        train_batch = load_batch(train, slice(0, train.num_rows), score, hidden_layers=None)
+        for predictor in predictors:
+            predictor.fit(train_batch, store.num_experts)
+    target = store.split(split)
+    num_docs = int(target.array("doc").max()) + 1
+    num_layers = len(store.layer_names)
+    accumulators: dict[tuple[str, int, int], MetricAccumulator] = {}
+    started, tokens = time.perf_counter(), 0
+    progress = tqdm(total=target.num_rows, desc=f"evaluate {split}", unit="tok")
+    for batch in iter_batches(target, score, block_rows, hidden_layers):
+        if max_tokens is not None and tokens >= max_tokens:
+            break
+        for layer in range(num_layers - 1):
+            lookaheads = [d for d in range(1, max_lookahead + 1) if layer + d < num_layers]
+            for predictor in predictors:
+                prediction = predictor.predict(batch, layer, lookaheads)
+                for j, d in enumerate(lookaheads):
+                    values = token_metrics(
+                        prediction.probs_NDE[:, j],
+                        prediction.confidence_ND[:, j],
+                        batch.experts_NLK[:, layer + d],
+                        batch.probs_NLE[:, layer + d],
+                        batch.prev_N,
+                        budget,
+                    )
+                    key = (predictor.name, d, layer)
+                    accumulators.setdefault(key, MetricAccumulator(num_docs)).update(values, batch.doc_N)
+        tokens += batch.num_rows
+        progress.update(batch.num_rows)
+    progress.close()
+    seconds = time.perf_counter() - started
+    return EvaluationResult(
+        rows=_rows(accumulators, store, bootstrap, seed),
+        reliability=_reliability(accumulators),
+        tokens=tokens,
+        seconds=seconds,
+    )
+
+
+def _pooled(accumulators: dict) -> dict[tuple[str, int], MetricAccumulator]:
+    pooled: dict[tuple[str, int], MetricAccumulator] = {}
+    for (method, d, _), accumulator in accumulators.items():
+        if (method, d) not in pooled:
+            pooled[(method, d)] = MetricAccumulator(accumulator.num_docs)
+        pooled[(method, d)].merge(accumulator)
+    return pooled
+
+
+def _rows(accumulators: dict, store: TraceStore, bootstrap: int, seed: int) -> list[dict]:
+    rows = []
+    for (method, d, layer), accumulator in accumulators.items():
+        rows.append(
+            {"method": method, "lookahead": d, "layer": str(layer), "source_layer": store.layer_names[layer],
+             "target_layer": store.layer_names[layer + d], **accumulator.summary(bootstrap, seed)}
+        )  # fmt: skip
+    for (method, d), accumulator in _pooled(accumulators).items():
+        rows.append(
+            {"method": method, "lookahead": d, "layer": "all", "source_layer": "all", "target_layer": "all",
+             **accumulator.summary(bootstrap, seed)}
+        )  # fmt: skip
+    return rows
+
+
+def _reliability(accumulators: dict) -> dict[str, dict]:
+    return {f"{method}/d{d}": acc.reliability() for (method, d), acc in _pooled(accumulators).items()}
