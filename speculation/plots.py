@@ -31,15 +31,11 @@ def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], path: Path
                 ax.text(expert, layer, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, label="fraction of tokens")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write to a temporary name and rename, so a killed run never leaves a half-written figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=120)
