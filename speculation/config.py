@@ -329,11 +329,99 @@ class EvaluateConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+class PredictorKind(StrEnum):
+    contextual = "contextual"  # attention over the current token's last layers' routing + its hidden state
+    transformer = "transformer"  # causal transformer over earlier tokens + LSTM over the current token's layers
+    hierarchical = "hierarchical"  # token-level and sequence-level heads mixed by learned fusion weights
+
+
+@dataclass
+class PredictorConfig:
+    """A learned predictor's architecture (``conf/predictor/``)."""
+
+    kind: PredictorKind = PredictorKind.contextual
+    d_model: int = 64
+    max_lookahead: int = 4  # predicts layers l+1 .. l+max_lookahead in one pass
+    context_layers: int = 3  # contextual: the current token's last layers it attends over
+    num_heads: int = 4
+    num_blocks: int = 2  # transformer: causal blocks over tokens
+    dropout: float = 0.1
+    max_positions: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "max_lookahead", "context_layers", "num_heads", "num_blocks", "max_positions"):
+            _positive(f"predictor.{name}", getattr(self, name))
+        _require(0 <= self.dropout < 1, f"predictor.dropout={self.dropout} must be in [0, 1).")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the predictor's loss terms (``speculation/losses.py``); 0 turns a term off."""
+
+    routing_mode: str = "ce"  # ce: cross-entropy to the router's top-1 | kl: KL(router || prediction)
+    routing: float = 1.0
+    confidence: float = 0.5
+    consistency: float = 0.0
+    diversity: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(self.routing_mode in ("ce", "kl"), f"loss.routing_mode={self.routing_mode!r} is not ce or kl.")
+        for name in ("routing", "confidence", "consistency", "diversity"):
+            _require(getattr(self, name) >= 0, f"loss.{name}={getattr(self, name)} must be >= 0.")
+
+
+@dataclass
+class PredictorTrainConfig:
+    """Optimisation of a learned predictor (``conf/train/``)."""
+
+    steps: int = 3000
+    batch_size: int = 32  # windows (traced sequences) per step
+    lr: float = 2.0e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mask_prob: float = 0.15  # MLM-style: share of (token, layer) routing inputs hidden during training
+    eval_every: int = 250
+    val_windows: int = 256  # fixed validation windows for early stopping
+    patience: int = 4  # evaluations without improvement before stopping
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "eval_every", "val_windows", "patience", "checkpoint_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        _require(0 <= self.mask_prob < 1, f"train.mask_prob={self.mask_prob} must be in [0, 1).")
+
+
 @dataclass
 class PipelineConfig(CollectConfig):
     """``spec-pipeline``: every stage that exists, in order, on one workdir."""
 
+    seed: int = 0
+    run_name: str | None = None  # predictor dir name; None: <predictor kind>-seed<seed>
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: PredictorTrainConfig = field(default_factory=PredictorTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class TrainConfig:
+    """``spec-train``: fit one learned predictor on ``workdir/traces``."""
+
+    experiment_name: str = "default"
+    workdir: str = "outputs/${experiment_name}"
+    device: str = "auto"
+    seed: int = 0
+    run_name: str | None = None
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: PredictorTrainConfig = field(default_factory=PredictorTrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.predictor.kind}-seed{self.seed}"
 
 
 Config = TypeVar("Config")
@@ -359,7 +447,6 @@ def to_object(cfg: DictConfig | Any, schema: type[Config]) -> Config:
 def register_configs() -> None:
     """Make the schemas available to ``defaults`` lists as ``<stage>_schema``."""
     store = ConfigStore.instance()
-    store.store(name="collect_schema", node=CollectConfig)
     store.store(name="pipeline_schema", node=PipelineConfig)
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from speculation.evaluation.runner import traces_fingerprint
 from speculation.predictors import HEURISTICS
 from speculation.predictors.base import Predictor
+from speculation.predictors.trained import TrainedPredictor
 from speculation.traces import TraceStore
 
-# Trained predictor types by predictor.json "type": each class provides ``from_dir(path, store)``. The learned
-# predictors of spec-train register here.
-TRAINED_PREDICTORS: dict[str, type] = {}
+# Trained predictor types by predictor.json "type": each class provides ``from_dir(path, store)``.
+TRAINED_PREDICTORS: dict[str, type] = {"learned": TrainedPredictor}
 
 
 def build_heuristics(names: list[str], store: TraceStore, seed: int) -> tuple[list[Predictor], dict[str, str]]:

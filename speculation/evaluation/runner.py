@@ -90,8 +90,12 @@ def evaluate_predictors(
         for layer in range(num_layers - 1):
             lookaheads = [d for d in range(1, max_lookahead + 1) if layer + d < num_layers]
             for predictor in predictors:
-                prediction = predictor.predict(batch, layer, lookaheads)
-                for j, d in enumerate(lookaheads):
+                reach = predictor.max_lookahead or max_lookahead
+                asked = [d for d in lookaheads if d <= reach]  # a trained predictor may reach fewer layers
+                if not asked:
+                    continue
+                prediction = predictor.predict(batch, layer, asked)
+                for j, d in enumerate(asked):
                     values = token_metrics(
                         prediction.probs_NDE[:, j],
                         prediction.confidence_ND[:, j],

@@ -58,6 +58,7 @@ class Predictor:
     """
 
     name: str = ""
+    max_lookahead: int | None = None  # the farthest lookahead it predicts; None: any
 
     def fit(self, train: TraceBatch, num_experts: int) -> None:
         """Learn statistics from the train split (default: nothing to learn)."""
