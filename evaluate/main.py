@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from speculation.config import CONF_DIR, EvaluateConfig, to_object
 from speculation.evaluation.loading import build_heuristics, load_trained_predictors
-from speculation.evaluation.report import metrics_frame, write_outputs
+from speculation.evaluation.report import metrics_frame, seed_means, write_outputs
 from speculation.evaluation.runner import evaluate_predictors
 from speculation.traces import TraceStore
 from speculation.tracking import start_run
@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
             max_tokens=cfg.eval.max_tokens,
         )
         result.skipped = skipped
-        frame = metrics_frame(result, [m.name for m in methods])
+        frame = seed_means(metrics_frame(result, [m.name for m in methods]), {m.name: m.group for m in trained})
         documents = int(frame[frame["layer"] == "all"]["n_docs"].max())
         context = {
             "model": store.manifest["model"]["name"],

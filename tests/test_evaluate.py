@@ -190,3 +190,21 @@ def test_traces_without_hidden_states_skip_gate_lookahead_and_say_why(tmp_path):
 
     methods, skipped = build_heuristics(["oracle", "gate_lookahead"], TraceStore.open(tmp_path), seed=0)
     assert [m.name for m in methods] == ["oracle"] and "trace.save_hidden=true" in skipped["gate_lookahead"]
+
+
+def test_seeds_of_one_predictor_are_averaged_with_a_t_interval():
+    from speculation.evaluation.report import COLUMNS, seed_means
+
+    rows = []
+    for method, accuracy in [("ctx-seed0", 0.5), ("ctx-seed1", 0.6), ("ctx-seed2", 0.7), ("solo", 0.1)]:
+        row = dict.fromkeys(COLUMNS, 0.0)
+        row.update(method=method, lookahead=1, layer="all", source_layer="all", target_layer="all", top1_acc=accuracy)
+        rows.append(row)
+    out = seed_means(pd.DataFrame(rows), {"ctx-seed0": "ctx", "ctx-seed1": "ctx", "ctx-seed2": "ctx", "solo": "solo"})
+    mean = out[out["method"] == "ctx (3 seeds)"].iloc[0]
+    half_width = 4.302652729911275 * 0.1 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd of [0.5, 0.6, 0.7] = 0.1
+    assert mean["top1_acc"] == pytest.approx(0.6)
+    assert mean["top1_ci_low"] == pytest.approx(0.6 - half_width) and mean["top1_ci_high"] == pytest.approx(
+        0.6 + half_width
+    )
+    assert not out["method"].str.startswith("solo (").any()  # a single run gets no seed row

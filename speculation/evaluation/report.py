@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from speculation.evaluation.runner import EvaluationResult
 from speculation.plots import accuracy_vs_lookahead, layer_accuracy_heatmap, reliability_diagrams
@@ -26,6 +28,31 @@ def metrics_frame(result: EvaluationResult, method_order: list[str]) -> pd.DataF
     return (
         frame.sort_values(["_method", "lookahead", "_layer"]).drop(columns=["_method", "_layer"]).reset_index(drop=True)
     )
+
+
+def seed_means(frame: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
+    """Rows ``"<group> (n seeds)"`` for every group of ≥ 2 runs that differ only in their seed.
+
+    Each metric is the mean over seeds; the top-1 interval is mean ± t(0.975, n-1) · sd / sqrt(n) across seeds
+    (the seed-to-seed spread, not the document bootstrap of one run).
+    """
+    members: dict[str, list[str]] = {}
+    for method, group in groups.items():
+        members.setdefault(group, []).append(method)
+    rows = []
+    metrics = [c for c in COLUMNS if c not in ("method", "lookahead", "layer", "source_layer", "target_layer")]
+    for group, methods in members.items():
+        if len(methods) < 2:
+            continue
+        runs = frame[frame["method"].isin(methods)]
+        for (lookahead, layer), cell in runs.groupby(["lookahead", "layer"], sort=False):
+            row = {"method": f"{group} ({len(cell)} seeds)", "lookahead": lookahead, "layer": layer,
+                   "source_layer": cell["source_layer"].iloc[0], "target_layer": cell["target_layer"].iloc[0],
+                   **cell[metrics].mean().to_dict()}  # fmt: skip
+            spread = stats.t.ppf(0.975, len(cell) - 1) * cell["top1_acc"].std(ddof=1) / np.sqrt(len(cell))
+            row["top1_ci_low"], row["top1_ci_high"] = row["top1_acc"] - spread, row["top1_acc"] + spread
+            rows.append(row)
+    return pd.concat([frame, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True) if rows else frame
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -6,6 +6,7 @@ Shape legend: N token rows, S sequences, T tokens per sequence (padded), L MoE l
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class TrainedPredictor(Predictor):
     def __init__(self, model: torch.nn.Module, name: str, max_lookahead: int, sequences_per_forward: int = 64):
         self.model = model.eval()
         self.name = name
+        self.group = re.sub(r"-seed\d+$", "", name)  # runs that differ only in their seed share a group
         self.max_lookahead = max_lookahead
         self.sequences_per_forward = sequences_per_forward
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
