@@ -1,6 +1,7 @@
 """``spec-pipeline``: every stage that exists, in order, on one workdir.
 
-Today that is ``collect`` then ``evaluate``; ``train`` joins the list when it lands. Each stage is the same pure
+Today: ``collect`` (trace the source model), ``train`` (the configured learned predictor), ``evaluate`` (it,
+every heuristic and baseline, on held-out documents). Each stage is the same pure
 function its own console script wraps, so ``spec-pipeline X=Y`` equals running the stages one by one with X=Y.
 """
 
@@ -16,11 +17,12 @@ from omegaconf import DictConfig
 from collect.main import collect
 from evaluate.main import evaluate
 from speculation.config import CONF_DIR, PipelineConfig, to_object
+from train.main import train
 
 log = logging.getLogger(__name__)
 
 # PipelineConfig extends every stage's config, so each stage function takes it as is.
-STAGES = {"collect": collect, "evaluate": evaluate}
+STAGES = {"collect": collect, "train": train, "evaluate": evaluate}
 
 
 def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:
