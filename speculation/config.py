@@ -85,6 +85,11 @@ class RouterConfig:
         _require(self.load_balance_coef >= 0, f"router.load_balance_coef={self.load_balance_coef} must be >= 0.")
         _require(self.z_loss_coef >= 0, f"router.z_loss_coef={self.z_loss_coef} must be >= 0.")
 
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> RouterConfig:
+        """Rebuild from ``asdict`` output that went through JSON (which turned the enums into their values)."""
+        return cls(**{**values, "gate": Gate(values["gate"]), "selection": Selection(values["selection"])})
+
     @property
     def max_experts_per_token(self) -> int:
         return self.k_max if self.selection == Selection.adaptive_k else self.k

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from speculation.config import Gate, ModelConfig, RouterConfig, Selection, SourceTrainConfig
+from speculation.config import ModelConfig, RouterConfig, SourceTrainConfig
 from speculation.models.switch_lm import SwitchLM
 from speculation.tokenizer import EOS_ID, unigram_cross_entropy
 from speculation.tracking import Tracker
@@ -129,9 +129,7 @@ def load_source_model(out_dir: Path, device: torch.device | str = "cpu") -> Swit
     if not (out_dir / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {out_dir}; run `spec-collect workdir=...` to train one.")
     saved = json.loads((out_dir / CONFIG_FILE).read_text())
-    router = RouterConfig(**{**saved["router"], "gate": Gate(saved["router"]["gate"])})
-    router.selection = Selection(router.selection)
-    model = SwitchLM(ModelConfig(**saved["model"]), router)
+    model = SwitchLM(ModelConfig(**saved["model"]), RouterConfig.from_json(saved["router"]))
     model.load_state_dict(load_file(out_dir / WEIGHTS_FILE, device="cpu"))
     return model.to(device).eval()
 

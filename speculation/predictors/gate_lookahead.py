@@ -44,10 +44,8 @@ FAMILIES = ("embedded_switch", "switch_transformers", *TOPK_ADAPTERS)
 def _router_config(raw: Mapping[str, Any]) -> RouterConfig:
     """The RouterConfig a manifest stored: JSON turned the enums into their values, so turn them back."""
     known = {f.name for f in fields(RouterConfig)}
-    values = {key: value for key, value in raw.items() if key in known}
-    values["gate"] = Gate(values.get("gate", Gate.linear))
-    values["selection"] = Selection(values.get("selection", Selection.topk))
-    return RouterConfig(**values)
+    values = {"gate": Gate.linear, "selection": Selection.topk} | {k: v for k, v in raw.items() if k in known}
+    return RouterConfig.from_json(values)
 
 
 def _embedded_scorer(state: Mapping[str, torch.Tensor], routing: Mapping[str, Any]) -> Scorer:

@@ -15,7 +15,6 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,20 +25,13 @@ from tqdm.auto import tqdm
 from speculation.config import TrainConfig
 from speculation.evaluation.runner import traces_fingerprint
 from speculation.losses import combine, confidence_loss, consistency_loss, diversity_loss, routing_loss
+from speculation.models.source import lr_at  # one warm-up + cosine schedule for every trainer
 from speculation.predictors.learned import PredictorInputs, build_model
 from speculation.predictors.windows import Targets, top1_marginal, window_tensors
 from speculation.traces import SequenceDataset, TraceStore
 from speculation.tracking import Tracker
 
 STATE_FILE = "training_state.pt"
-
-
-def lr_at(step: int, cfg: Any) -> float:
-    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def check_store(store: TraceStore) -> list[int]:
