@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed  # benchmarks/timing.py: scripts run from this folder
 
 from speculation.config import ModelConfig, RouterConfig
 from speculation.health import RouterHealth
@@ -36,16 +37,6 @@ def build_model(workdir: Path | None, device: torch.device) -> SwitchLM:
     if workdir is not None and (workdir / "source_model" / "model.safetensors").exists():
         return load_source_model(workdir / "source_model", device)
     return SwitchLM(ModelConfig(), RouterConfig()).to(device).eval()
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()

@@ -14,23 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
+from timing import timed  # benchmarks/timing.py: scripts run from this folder
 
 from speculation.config import PredictorConfig, PredictorKind, RouterConfig
 from speculation.models.switch_lm import MoEFeedForward
 from speculation.predictors.learned import PredictorInputs, build_model
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()

@@ -16,6 +16,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# A collect run of a few seconds: the smoke experiment on 40 short files, a 6-step source model.
+TINY_COLLECT = [
+    "experiment=smoke",
+    "logger=none",
+    "corpus.max_documents=40",
+    "corpus.max_document_chars=6000",
+    "model.vocab_size=300",
+    "source_train.steps=6",
+    "source_train.eval_every=3",
+    "source_train.eval_batches=2",
+    "trace.batch_size=4",
+]
 ROUTER_PRESETS = sorted(p.stem for p in (CONF_DIR / "router").glob("*.yaml"))
 
 

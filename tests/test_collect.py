@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from conftest import TINY_COLLECT, compose_config
 
 from collect.main import collect
 from speculation.models.source import load_source_model
@@ -19,16 +19,8 @@ from speculation.traces import SplitWriter, TraceStore
 from speculation.tracing.recorder import RoutingRecorder
 
 TINY = [
-    "experiment=smoke",
-    "logger=none",
-    "corpus.max_documents=40",
-    "corpus.max_document_chars=6000",
-    "model.vocab_size=300",
-    "source_train.steps=6",
+    *TINY_COLLECT,
     "source_train.checkpoint_every=3",
-    "source_train.eval_every=3",
-    "source_train.eval_batches=2",
-    "trace.batch_size=4",
     "trace.batches_per_shard=2",
     "trace.max_tokens_per_split=1200",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from conftest import TINY_COLLECT, compose_config
 
 from collect.main import collect
 from evaluate.main import evaluate
@@ -139,11 +139,7 @@ def test_empty_split_is_one_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_workdir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("evaluate")
-    overrides = [
-        "experiment=smoke", "logger=none", f"workdir={workdir}", "corpus.max_documents=40",
-        "corpus.max_document_chars=6000", "model.vocab_size=300", "source_train.steps=6", "source_train.eval_every=3",
-        "source_train.eval_batches=2", "trace.batch_size=4", "trace.max_tokens_per_split=1500",
-    ]  # fmt: skip
+    overrides = [*TINY_COLLECT, f"workdir={workdir}", "trace.max_tokens_per_split=1500"]
     collect(compose_config("collect", overrides))
     return workdir
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from conftest import TINY_COLLECT, compose_config
 from safetensors.torch import load_file
 
 from collect.main import collect
@@ -30,11 +30,7 @@ TINY_TRAIN = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    overrides = [
-        "experiment=smoke", "logger=none", f"workdir={root}", "corpus.max_documents=40",
-        "corpus.max_document_chars=6000", "model.vocab_size=300", "source_train.steps=6", "source_train.eval_every=3",
-        "source_train.eval_batches=2", "trace.batch_size=4", "trace.max_tokens_per_split=1500",
-    ]  # fmt: skip
+    overrides = [*TINY_COLLECT, f"workdir={root}", "trace.max_tokens_per_split=1500"]
     collect(compose_config("collect", overrides))
     return root
 
@@ -102,12 +98,7 @@ def test_spec_evaluate_scores_trained_predictors_next_to_the_baselines(workdir):
 
 def test_traces_without_hidden_states_are_refused(tmp_path, workdir):
     target = tmp_path / "nohidden"
-    overrides = [
-        "experiment=smoke", "logger=none", f"workdir={target}", "corpus.max_documents=40",
-        "corpus.max_document_chars=6000", "model.vocab_size=300", "source_train.steps=6", "source_train.eval_every=3",
-        "source_train.eval_batches=2", "trace.batch_size=4", "trace.max_tokens_per_split=600",
-        "trace.save_hidden=false",
-    ]  # fmt: skip
+    overrides = [*TINY_COLLECT, f"workdir={target}", "trace.max_tokens_per_split=600", "trace.save_hidden=false"]
     collect(compose_config("collect", overrides))
     with pytest.raises(ValueError, match=r"need all .*trace.save_hidden=true"):
         train(config(target))
