@@ -38,24 +38,16 @@
 # %%
 import json
 import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import display
 
+from speculation.notebooks import workdir_from_env
 from speculation.traces import TraceStore, routing_frame
 
-try:
-    NOTEBOOK_DIR = Path(__file__).resolve().parent  # run as a script
-except NameError:
-    NOTEBOOK_DIR = Path.cwd()  # Jupyter and nbmake start the kernel in the notebook's folder
-REPO_ROOT = NOTEBOOK_DIR.parent
-
-workdir = Path(os.environ.get("SPEC_WORKDIR", "outputs/smoke")).expanduser()
-if not workdir.is_absolute() and not workdir.exists():
-    workdir = REPO_ROOT / workdir
+workdir = workdir_from_env()  # $SPEC_WORKDIR, default outputs/smoke
 split_name = os.environ.get("SPEC_SPLIT", "test")
 if not (workdir / "traces" / "manifest.json").is_file():
     raise FileNotFoundError(

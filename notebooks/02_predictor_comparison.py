@@ -38,22 +38,15 @@
 # %%
 import json
 import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import display
 
-try:
-    NOTEBOOK_DIR = Path(__file__).resolve().parent  # run as a script
-except NameError:
-    NOTEBOOK_DIR = Path.cwd()  # Jupyter and nbmake start the kernel in the notebook's folder
-REPO_ROOT = NOTEBOOK_DIR.parent
+from speculation.notebooks import workdir_from_env
 
-workdir = Path(os.environ.get("SPEC_WORKDIR", "outputs/smoke")).expanduser()
-if not workdir.is_absolute() and not workdir.exists():
-    workdir = REPO_ROOT / workdir
+workdir = workdir_from_env()  # $SPEC_WORKDIR, default outputs/smoke
 eval_dir = workdir / "eval"
 if not (eval_dir / "metrics.csv").is_file() or not (eval_dir / "metrics.json").is_file():
     raise FileNotFoundError(

@@ -38,7 +38,6 @@
 # %%
 import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
@@ -47,17 +46,10 @@ import pandas as pd
 from IPython.display import Markdown, display
 from matplotlib.lines import Line2D
 
+from speculation.notebooks import workdir_from_env
 from speculation.predictors.training import STATE_FILE, lr_at
 
-try:
-    NOTEBOOK_DIR = Path(__file__).resolve().parent  # run as a script
-except NameError:
-    NOTEBOOK_DIR = Path.cwd()  # Jupyter and nbmake start the kernel in the notebook's folder
-REPO_ROOT = NOTEBOOK_DIR.parent
-
-workdir = Path(os.environ.get("SPEC_WORKDIR", "outputs/smoke")).expanduser()
-if not workdir.is_absolute() and not workdir.exists():
-    workdir = REPO_ROOT / workdir
+workdir = workdir_from_env()  # $SPEC_WORKDIR, default outputs/smoke
 if not workdir.is_dir():
     raise FileNotFoundError(
         f"no workdir at {workdir}; set SPEC_WORKDIR to a workdir, or create one with "
