@@ -131,9 +131,11 @@ def test_empty_corpus_is_one_clear_error_and_writes_nothing(tmp_path):
     assert not (workdir / "traces" / "manifest.json").exists()
 
 
-def test_split_too_small_for_a_split_is_a_clear_error(tmp_path):
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "only.txt").write_text("def f():\n    return 1\n" * 50)
+def test_split_too_small_for_a_split_is_a_clear_error(tmp_path, monkeypatch):
+    # A relative glob keeps the document id ("docs/one.txt") and so its split fixed: it hashes into train,
+    # leaving val empty. An absolute tmp path would move it to a random split on every run.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "one.txt").write_text("def f():\n    return 1\n" * 50)
     with pytest.raises(ValueError, match="split 'val' is empty"):
-        collect(tiny_config(tmp_path / "work", "corpus=text_files", f"corpus.glob={docs}/*.txt"))
+        collect(tiny_config(tmp_path / "work", "corpus=text_files", "corpus.glob=docs/*.txt"))
