@@ -1,8 +1,10 @@
-"""``spec-evaluate``: score heuristics, baselines and trained predictors on a workdir's traces.
+"""``spec-evaluate``: score heuristics, baselines and trained predictors on a workdir's traces, then replay their
+predictions in the prefetch-cache simulator (``eval/simulation.csv``).
 
 spec-evaluate workdir=outputs/default
 spec-evaluate experiment=smoke eval.max_lookahead=2 eval.prefetch_budget=1
 spec-evaluate workdir=outputs/switch-base-8 eval.stack=encoder
+spec-evaluate hardware=h100 target=mixtral_8x7b sim.cache_fractions=[0.25,0.5]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from speculation.cache.report import simulate_and_report
 from speculation.config import CONF_DIR, EvaluateConfig, to_object
 from speculation.evaluation.loading import build_heuristics, load_trained_predictors
 from speculation.evaluation.report import metrics_frame, seed_means, write_outputs
@@ -68,12 +71,29 @@ def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
             "prefetch_budget": cfg.eval.prefetch_budget,
             "traces": str(traces_dir),
         }
-        paths = write_outputs(result, frame, eval_dir, context, cfg.eval.prefetch_budget)
+        simulation = None
+        if cfg.sim.enabled:
+            simulation = simulate_and_report(
+                store, methods, cfg.eval.split, cfg.sim, cfg.hardware, cfg.target, eval_dir
+            )
+            log.info("simulation: %d replays, %.1f M layer-events/s", simulation.stats["runs"],
+                     simulation.stats["events_per_s"] / 1e6)  # fmt: skip
+        paths = write_outputs(
+            result,
+            frame,
+            eval_dir,
+            context,
+            cfg.eval.prefetch_budget,
+            sections=simulation.markdown if simulation else None,
+            figures_extra=simulation.paths if simulation else None,
+        )
         aggregate = frame[frame["layer"] == "all"]
         if tracker.enabled:
             import wandb
 
             tracker.log({"eval/metrics": wandb.Table(dataframe=aggregate)})
+            if simulation is not None:
+                tracker.log({"eval/simulation": wandb.Table(dataframe=simulation.frame)})
             for _, row in aggregate.iterrows():
                 tracker.summary({f"{row['method']}/d{row['lookahead']}/top1_acc": row["top1_acc"]})
             for name, path in paths.items():
@@ -87,7 +107,11 @@ def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
         )
     finally:
         tracker.finish()
-    return {"aggregate": aggregate.to_dict(orient="records"), "paths": {k: str(v) for k, v in paths.items()}}
+    return {
+        "aggregate": aggregate.to_dict(orient="records"),
+        "simulation": simulation.frame if simulation else None,
+        "paths": {k: str(v) for k, v in paths.items()},
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from speculation.cache.config import HardwareConfig, SimConfig, TargetConfig
+from speculation.checks import positive as _positive
+from speculation.checks import require as _require
+
 # The repository's conf/ directory. Absolute, because Hydra resolves a relative config_path against the
 # importing package when a console script runs, not against the file.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -48,15 +52,6 @@ class CorpusKind(StrEnum):
 class LoggerBackend(StrEnum):
     wandb = "wandb"
     none = "none"
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _positive(name: str, value: float, fix: str = "") -> None:
-    _require(value > 0, f"{name}={value} must be > 0.{' ' + fix if fix else ''}")
 
 
 @dataclass
@@ -331,6 +326,9 @@ class EvaluateConfig:
     experiment_name: str = "default"
     workdir: str = "outputs/${experiment_name}"
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -379,7 +377,7 @@ class LossConfig:
 class PredictorTrainConfig:
     """Optimisation of a learned predictor (``conf/train/``)."""
 
-    steps: int = 3000
+    steps: int = 1000
     batch_size: int = 32  # windows (traced sequences) per step
     lr: float = 2.0e-3
     min_lr_ratio: float = 0.05
@@ -407,7 +405,11 @@ class PipelineConfig(CollectConfig):
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: PredictorTrainConfig = field(default_factory=PredictorTrainConfig)
+    predictors: list[PredictorKind] = field(default_factory=lambda: list(PredictorKind))  # trained by the pipeline
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
 
 @dataclass

@@ -114,3 +114,48 @@ def layer_accuracy_heatmap(per_layer: pd.DataFrame, lookahead: int, path: Path) 
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _policy_label(row: pd.Series) -> str:
+    parts = [row["policy"]] + ([row["predictor"]] if row["predictor"] and row["predictor"] != row["policy"] else [])
+    return " / ".join(parts) + (f" B={row['budget']}" if row["lookahead"] > 0 else "")
+
+
+def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int, path: Path) -> Path:
+    """Compute vs stall per token for every policy (LRU eviction) at one cache size and lookahead."""
+    rows = table[
+        (table["cache_fraction"] == fraction) & (table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])
+    ]
+    labels = [_policy_label(row) for _, row in rows.iterrows()]
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.6))
+    y = np.arange(len(rows))
+    ax.barh(y, rows["compute_ms"], color="tab:blue", label="compute")
+    ax.barh(y, rows["stall_ms"], left=rows["compute_ms"], color="tab:red", label="stall on expert copies")
+    ax.set_yticks(y, labels=labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per token")
+    ax.set_title(f"latency per token: cache {fraction:.0%}, lookahead {lookahead}, LRU eviction")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def cache_sweep(table: pd.DataFrame, lookahead: int, path: Path) -> Path:
+    """ms/token and hit rate vs cache fraction, one line per policy (LRU eviction, largest budget shown once)."""
+    rows = table[(table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
+    for label, line in rows.groupby(rows.apply(_policy_label, axis=1), sort=False):
+        line = line.sort_values("cache_fraction")
+        style = "--" if line["policy"].iloc[0] in ("on_demand", "oracle") else "-"
+        axes[0].plot(line["cache_fraction"], line["ms_per_token"], style, marker="o", ms=3, label=label)
+        axes[1].plot(line["cache_fraction"], line["hit_rate"], style, marker="o", ms=3, label=label)
+    axes[0].set_ylabel("ms per token")
+    axes[1].set_ylabel("hit rate (expert resident when its layer runs)")
+    for ax in axes:
+        ax.set_xlabel("cache fraction (share of all experts on the GPU)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"prefetch policies vs cache size (lookahead {lookahead}, LRU eviction)")
+    fig.tight_layout()
+    return _save(fig, path)

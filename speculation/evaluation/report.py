@@ -77,9 +77,18 @@ def markdown_table(aggregate: pd.DataFrame, lookahead: int, budget: int) -> str:
 
 
 def write_outputs(
-    result: EvaluationResult, frame: pd.DataFrame, eval_dir: Path, context: dict[str, Any], budget: int
+    result: EvaluationResult,
+    frame: pd.DataFrame,
+    eval_dir: Path,
+    context: dict[str, Any],
+    budget: int,
+    sections: list[str] | None = None,
+    figures_extra: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
-    """Everything under ``eval_dir``; each file is written to a temporary name and renamed."""
+    """Everything under ``eval_dir``; each file is written to a temporary name and renamed.
+
+    ``sections``: markdown appended to report.md (the prefetch simulation); ``figures_extra``: its figures.
+    """
     figures = eval_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     aggregate = frame[frame["layer"] == "all"]
@@ -118,6 +127,8 @@ def write_outputs(
         lines += [f"## Lookahead d = {d}", "", markdown_table(aggregate, d, budget), ""]
     if result.skipped:
         lines += ["## Not evaluated", ""] + [f"- **{m}**: {why}" for m, why in result.skipped.items()] + [""]
-    lines += ["## Figures", ""] + [f"![{name}]({path.relative_to(eval_dir)})" for name, path in paths.items()]
+    lines += sections or []
+    figures_all = {**paths, **{k: v for k, v in (figures_extra or {}).items() if v.suffix == ".png"}}
+    lines += ["## Figures", ""] + [f"![{name}]({path.relative_to(eval_dir)})" for name, path in figures_all.items()]
     _atomic_text(eval_dir / "report.md", "\n".join(lines) + "\n")
-    return {"metrics_csv": eval_dir / "metrics.csv", "report": eval_dir / "report.md", **paths}
+    return {"metrics_csv": eval_dir / "metrics.csv", "report": eval_dir / "report.md", **paths, **(figures_extra or {})}

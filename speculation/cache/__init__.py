@@ -1,0 +1,1 @@
+"""Expert prefetch caching: a trace-driven simulator of offloaded-expert decode (issue #6)."""

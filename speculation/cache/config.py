@@ -1,0 +1,133 @@
+"""Config schemas of the prefetch-cache simulation: the GPU (``conf/hardware/``), the model whose experts are
+moved (``conf/target/``) and the sweep (``conf/sim/``).
+
+The traces supply *which* experts each token needs at each MoE layer; the target supplies *how big* they are and
+how long the rest of the layer takes, so a small traced model is replayed at a real model's sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from speculation.checks import positive, require
+
+POLICIES = ["on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence", "oracle"]
+EVICTIONS = ["lru", "lfu", "belady", "predicted"]
+
+
+@dataclass
+class HardwareConfig:
+    """One GPU and its host link; every value has its source in ``conf/hardware/<name>.yaml``."""
+
+    name: str = "rtx3090"
+    memory_gb: float = 24.0
+    hbm_gbs: float = 936.0  # device memory bandwidth, GB/s
+    fp16_tflops: float = 71.0  # dense fp16 tensor-core peak (fp32 accumulate)
+    h2d_pinned_gbs: float = 24.0  # host-to-device copy bandwidth from pinned memory, GB/s
+    h2d_pageable_gbs: float = 13.0  # from pageable memory
+    copy_latency_us: float = 6.0  # fixed cost of one cudaMemcpyAsync call
+    launch_us: float = 5.0  # one kernel launch at batch-1 decode
+    pinned: bool = True  # experts live in pinned host memory (pageable copies are slower)
+
+    def __post_init__(self) -> None:
+        for key in ("memory_gb", "hbm_gbs", "fp16_tflops", "h2d_pinned_gbs", "h2d_pageable_gbs"):
+            positive(f"hardware.{key}", getattr(self, key), "Check the profile in conf/hardware/.")
+        for key in ("copy_latency_us", "launch_us"):
+            require(getattr(self, key) >= 0, f"hardware.{key}={getattr(self, key)} must be >= 0.")
+
+
+@dataclass
+class TargetConfig:
+    """The model whose experts are offloaded: sizes of one expert and of the dense work around it.
+
+    ``name: traced`` takes d_model, d_ff, bytes per parameter from the trace manifest (the traced model itself).
+    """
+
+    name: str = "switch-base-8"
+    d_model: int = 768
+    d_ff: int = 3072  # one expert's hidden width
+    expert_matrices: int = 2  # 2: wi, wo (ReLU/GELU FFN); 3: gate, up, down (SwiGLU)
+    bytes_per_param: int = 2  # fp16 / bf16
+    blocks_per_moe_layer: int = 2  # transformer blocks per MoE layer (Switch: every other FFN is sparse)
+    attention_params: int = 2_359_296  # q, k, v, o weights of one block (4 · 768²)
+    dense_d_ff: int = 3072  # FFN width of the dense blocks between MoE layers (0: every block is MoE)
+    kernels_per_block: int = 8  # launches of one block's non-expert part (norms, attention, residuals)
+    vocab_size: int = 32128  # the LM head read once per token
+    num_experts: int | None = None  # the real model's count (informational: routing comes from the traces)
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "d_ff", "expert_matrices", "bytes_per_param", "blocks_per_moe_layer"):
+            positive(f"target.{key}", getattr(self, key), "Check the profile in conf/target/.")
+        for key in ("attention_params", "dense_d_ff", "kernels_per_block", "vocab_size"):
+            require(getattr(self, key) >= 0, f"target.{key}={getattr(self, key)} must be >= 0.")
+
+    @property
+    def expert_params(self) -> int:
+        return self.expert_matrices * self.d_model * self.d_ff
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * self.bytes_per_param
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], base: TargetConfig) -> TargetConfig:
+        """The traced model's own sizes (``target=traced``); the dense-work fields keep ``base``'s values."""
+        geometry = manifest["geometry"]
+        d_model = int(geometry["d_model"])
+        return cls(
+            name=str(manifest["model"]["name"]),
+            d_model=d_model,
+            d_ff=int(geometry["d_ff"]),
+            expert_matrices=base.expert_matrices,
+            bytes_per_param=base.bytes_per_param,
+            blocks_per_moe_layer=base.blocks_per_moe_layer,
+            attention_params=4 * d_model * d_model,
+            dense_d_ff=int(geometry["d_ff"]) if base.dense_d_ff else 0,
+            kernels_per_block=base.kernels_per_block,
+            vocab_size=int(manifest.get("model", {}).get("vocab_size") or base.vocab_size),
+            num_experts=int(geometry["num_experts"]),
+        )
+
+
+@dataclass
+class SimConfig:
+    """What ``spec-evaluate`` replays in the simulator (``conf/sim/``)."""
+
+    enabled: bool = True
+    max_tokens: int = 20000  # replay the split's first tokens (whole sequences), in order, as one decode stream
+    cache_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875])
+    lookaheads: list[int] = field(default_factory=lambda: [1, 2, 3])  # layers ahead a prefetch is issued
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    evictions: list[str] = field(default_factory=lambda: list(EVICTIONS))
+    budgets: list[int] = field(default_factory=lambda: [1, 2])  # predictor_topb: experts prefetched per layer
+    # predictor_confidence: no prefetch below confidence_low, one expert at >= confidence_high, max(budgets) between.
+    # None: low = the timing model's break-even confidence at each lookahead (TimingModel.break_even_confidence);
+    # high = low (never hedge with a second expert, which on a saturated link costs more than it saves).
+    confidence_low: float | None = None
+    confidence_high: float | None = None
+    predictor_us: float = 10.0  # latency of one learned-predictor step (side stream): delays its prefetches
+    headline_fraction: float = 0.5  # the cache fraction the report's main table shows
+    headline_lookahead: int = 2
+
+    def __post_init__(self) -> None:
+        positive("sim.max_tokens", self.max_tokens)
+        require(self.cache_fractions, "sim.cache_fractions is empty; give at least one fraction in (0, 1].")
+        for fraction in self.cache_fractions:
+            require(0 < fraction <= 1, f"sim.cache_fractions has {fraction}; each must be in (0, 1].")
+        require(self.lookaheads and min(self.lookaheads) >= 1, f"sim.lookaheads={self.lookaheads} must be >= 1.")
+        unknown = [p for p in self.policies if p not in POLICIES]
+        require(not unknown, f"sim.policies has unknown policy(ies) {unknown}; choose from {POLICIES}.")
+        unknown = [e for e in self.evictions if e not in EVICTIONS]
+        require(not unknown, f"sim.evictions has unknown eviction(s) {unknown}; choose from {EVICTIONS}.")
+        require(self.budgets and min(self.budgets) >= 1, f"sim.budgets={self.budgets} must be >= 1.")
+        for key in ("confidence_low", "confidence_high"):
+            value = getattr(self, key)
+            require(value is None or 0 <= value <= 1, f"sim.{key}={value} must be in [0, 1] (or null: automatic).")
+        if self.confidence_low is not None and self.confidence_high is not None:
+            require(
+                self.confidence_low <= self.confidence_high,
+                f"sim.confidence_low={self.confidence_low} and confidence_high={self.confidence_high} must satisfy "
+                "low <= high.",
+            )
+        require(self.predictor_us >= 0, f"sim.predictor_us={self.predictor_us} must be >= 0.")

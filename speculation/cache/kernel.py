@@ -1,0 +1,200 @@
+"""The simulator's event loop, compiled with numba (one decode stream, one GPU expert cache, one copy link).
+
+Per token ``t`` and MoE layer ``l`` (clock position ``p = t·L + l``), in GPU-stream order:
+
+1. the layer's non-expert work (attention, dense blocks, router) runs;
+2. the router's choice is known: a needed expert already resident and arrived is a *hit*; resident but still in
+   flight is *late* (the layer waits for it); absent is a *miss*, copied on demand (the layer waits for it);
+3. if the policy prefetches, its predictor runs on a side stream (batch-1 decode leaves most SMs idle) and
+   ``predictor_s`` later copies are issued for the target layers whose prefetch is due at ``l``
+   (``issue_layer_L``), in rank order; an expert already resident is not copied again;
+4. the layer's experts run once every one of them has arrived (the wait is the *stall*).
+
+Copies queue on one link in issue order (a copy starts when the link is free). Every copy takes a slot; when the
+cache is full the eviction rule picks a victim among resident experts the current layer does not need. A slot being
+copied into may be chosen as a victim: the link is FIFO, so the new copy cannot start before the old one ended.
+Belady evicts the expert used farthest in the future and, knowing the future, skips a prefetch that would evict an
+expert needed sooner than the prefetched one (the offline optimum's bypass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+LRU, LFU, BELADY, PREDICTED = 0, 1, 2, 3
+EVICTION_CODES = {"lru": LRU, "lfu": LFU, "belady": BELADY, "predicted": PREDICTED}
+NEVER = np.iinfo(np.int64).max  # the next use of an expert that is never used again
+
+
+@njit(cache=True)
+def next_uses(experts_TLK: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every access, the clock position of the next access to the same (layer, expert); and the first ones."""
+    num_tokens, num_layers, slots = experts_TLK.shape
+    following = np.full((num_tokens, num_layers, slots), NEVER, dtype=np.int64)
+    upcoming = np.full(num_layers * num_experts, NEVER, dtype=np.int64)
+    for t in range(num_tokens - 1, -1, -1):
+        for layer in range(num_layers - 1, -1, -1):
+            for k in range(slots):
+                expert = experts_TLK[t, layer, k]
+                if expert < 0:
+                    continue
+                key = layer * num_experts + expert
+                following[t, layer, k] = upcoming[key]
+                upcoming[key] = t * num_layers + layer
+    return following, upcoming
+
+
+@njit(cache=True)
+def _victim(resident, pinned_at, now_pos, last_use, uses, next_access, predicted_for, unused, eviction) -> int:
+    """The slot to free under ``eviction``, or -1 when every resident expert is needed by the current layer.
+
+    Except under Belady, a prefetched expert is protected until the layer it was fetched for has run (else LFU
+    would evict every fresh prefetch, its use count being the lowest); ``predicted`` also protects resident
+    experts a prediction expects. Protected experts go only when nothing else can.
+    """
+    best = -1
+    best_protected = False
+    for s in range(resident.shape[0]):
+        if not resident[s] or pinned_at[s] == now_pos:
+            continue
+        protected = eviction != BELADY and predicted_for[s] > now_pos and (unused[s] or eviction == PREDICTED)
+        if best < 0 or (best_protected and not protected):
+            best, best_protected = s, protected
+            continue
+        if protected and not best_protected:
+            continue
+        if eviction == LFU:
+            better = uses[s] < uses[best] or (uses[s] == uses[best] and last_use[s] < last_use[best])
+        elif eviction == BELADY:
+            better = next_access[s] > next_access[best]
+        else:  # LRU, and PREDICTED among equally protected experts
+            better = last_use[s] < last_use[best]
+        if better:
+            best = s
+    return best
+
+
+@njit(cache=True)
+def simulate(
+    experts_TLK: np.ndarray,
+    plan_TLB: np.ndarray,
+    issue_layer_L: np.ndarray,
+    num_experts: int,
+    capacity: int,
+    eviction: int,
+    copy_s: float,
+    non_expert_s: float,
+    expert_s: float,
+    head_s: float,
+    predictor_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replay ``experts_TLK`` (-1 = unused slot) with prefetch plan ``plan_TLB`` (experts to prefetch for token t's
+    layer m, issued at layer ``issue_layer_L[m]`` of the same token; -1 = none).
+
+    Returns the per-token latency [T] (seconds) and counters
+    ``[hits, late, misses, prefetches, wasted, stall_s, compute_s]`` (wasted: prefetched experts evicted, or left
+    at the end, without being used).
+    """
+    num_tokens, num_layers, slots = experts_TLK.shape
+    budget = plan_TLB.shape[2]
+    size = num_layers * num_experts
+    resident = np.zeros(size, dtype=np.bool_)
+    arrival = np.zeros(size, dtype=np.float64)
+    last_use = np.full(size, -1, dtype=np.int64)
+    uses = np.zeros(size, dtype=np.int64)
+    pinned_at = np.full(size, -1, dtype=np.int64)
+    predicted_for = np.full(size, -1, dtype=np.int64)
+    unused = np.zeros(size, dtype=np.bool_)
+    following, next_access = next_uses(experts_TLK, num_experts)
+    token_s = np.zeros(num_tokens, dtype=np.float64)
+    hits = late = misses = prefetches = wasted = 0
+    stall = compute = 0.0
+    occupied = 0
+    gpu = link_free = 0.0
+    prefetching = False
+    for m in range(num_layers):
+        if issue_layer_L[m] >= 0:
+            prefetching = True
+    for t in range(num_tokens):
+        started = gpu
+        for layer in range(num_layers):
+            pos = t * num_layers + layer
+            gpu += non_expert_s
+            compute += non_expert_s
+            ready = gpu
+            computed = 0
+            for k in range(slots):  # pin first: none of this layer's experts may be evicted for another
+                expert = experts_TLK[t, layer, k]
+                if expert >= 0:
+                    pinned_at[layer * num_experts + expert] = pos
+            for k in range(slots):
+                expert = experts_TLK[t, layer, k]
+                if expert < 0:
+                    continue
+                s = layer * num_experts + expert
+                computed += 1
+                if resident[s]:
+                    if arrival[s] <= gpu:
+                        hits += 1
+                    else:
+                        late += 1
+                else:
+                    misses += 1
+                    if occupied >= capacity:
+                        victim = _victim(
+                            resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused, eviction
+                        )
+                        resident[victim] = False
+                        wasted += unused[victim]
+                    else:
+                        occupied += 1
+                    resident[s] = True
+                    arrival[s] = max(gpu, link_free) + copy_s
+                    link_free = arrival[s]
+                ready = max(ready, arrival[s])
+                last_use[s] = pos
+                uses[s] += 1
+                unused[s] = False
+                next_access[s] = following[t, layer, k]
+            if prefetching and layer < num_layers - 1:
+                issued = gpu + predictor_s  # the predictor runs on a side stream: it delays the copies, not the layer
+                for target in range(layer + 1, num_layers):
+                    if issue_layer_L[target] != layer:
+                        continue
+                    for b in range(budget):
+                        expert = plan_TLB[t, target, b]
+                        if expert < 0:
+                            continue
+                        s = target * num_experts + expert
+                        predicted_for[s] = max(predicted_for[s], t * num_layers + target)
+                        if resident[s]:
+                            continue
+                        if occupied >= capacity:
+                            victim = _victim(
+                                resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused, eviction
+                            )
+                            if victim < 0 or (eviction == BELADY and next_access[victim] <= next_access[s]):
+                                continue  # nothing evictable, or (Belady) the victim is needed sooner
+                            resident[victim] = False
+                            wasted += unused[victim]
+                        else:
+                            occupied += 1
+                        resident[s] = True
+                        arrival[s] = max(issued, link_free) + copy_s
+                        link_free = arrival[s]
+                        last_use[s] = pos  # an arrival counts as a use for LRU: a fresh prefetch is not the victim
+                        unused[s] = True
+                        prefetches += 1
+            if ready > gpu:
+                stall += ready - gpu
+                gpu = ready
+            gpu += computed * expert_s
+            compute += computed * expert_s
+        gpu += head_s
+        compute += head_s
+        token_s[t] = gpu - started
+    for s in range(size):
+        wasted += resident[s] and unused[s]
+    counters = np.array([hits, late, misses, prefetches, wasted, stall, compute], dtype=np.float64)
+    return token_s, counters

@@ -1,0 +1,168 @@
+"""Sweep the simulator over policies, evictions, cache fractions and lookaheads: the rows of simulation.csv.
+
+Every row replays the same tokens. ``speedup_vs_on_demand`` divides on-demand LRU's ms/token at the same cache
+fraction by the row's; ``oracle_gain_fraction`` is the row's gain over on-demand LRU as a share of the oracle's gain
+*with the same eviction and lookahead* (only the predictions differ). Bounds, computed: on-demand with Belady eviction
+bounds every on-demand policy (its time is compute + its minimal misses × one copy); ``bound_ms`` bounds every
+policy: max(pure compute, Belady's minimal loads × one copy), perfect overlap of the fewest copies any schedule
+needs. Oracle prefetch is a policy, not a bound: the router's real choice fetched at the same issue times.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from speculation.cache import kernel
+from speculation.cache.config import SimConfig
+from speculation.cache.plans import ReplayTrace, confidence_plan, issue_layers, no_plan, oracle_plan, topb_plan
+from speculation.cache.timing import TimingModel
+
+
+@dataclass
+class PolicyRun:
+    """One replay: a plan under one eviction rule and cache size."""
+
+    policy: str
+    predictor: str  # the method whose predictions drive the plan ("" for on_demand and oracle)
+    eviction: str
+    budget: int  # experts prefetched per target layer (0: none; the maximum for the confidence policy)
+    lookahead: int  # 0: no prefetch
+    plan_TLB: np.ndarray
+    issue_layer_L: np.ndarray
+    predictor_s: float
+
+
+def capacity_for(fraction: float, num_layers: int, num_experts: int, slots: int) -> int:
+    """GPU expert slots for a cache holding ``fraction`` of all experts; one clear error if a layer cannot run."""
+    capacity = round(fraction * num_layers * num_experts)
+    if capacity < slots:
+        raise ValueError(
+            f"sim.cache_fractions has {fraction}: {capacity} expert slots of {num_layers * num_experts}, fewer than "
+            f"the {slots} experts one token uses per layer; raise the fraction to at least "
+            f"{slots / (num_layers * num_experts):.3f}."
+        )
+    return capacity
+
+
+def replay(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingModel) -> dict:
+    """Simulate one run; its per-token figures (the simulation.csv columns that do not need other rows)."""
+    token_s, counters = kernel.simulate(
+        trace.experts_TLK,
+        np.ascontiguousarray(run.plan_TLB, dtype=np.int32),
+        run.issue_layer_L,
+        trace.num_experts,
+        capacity,
+        kernel.EVICTION_CODES[run.eviction],
+        timing.copy_s,
+        timing.non_expert_s,
+        timing.expert_s,
+        timing.head_s,
+        run.predictor_s,
+    )
+    hits, late, misses, prefetches, wasted, stall_s, compute_s = counters
+    tokens = len(token_s)
+    accesses = hits + late + misses
+    return {
+        "policy": run.policy,
+        "predictor": run.predictor,
+        "eviction": run.eviction,
+        "budget": run.budget,
+        "lookahead": run.lookahead,
+        "capacity": capacity,
+        "tokens": tokens,
+        "ms_per_token": 1e3 * token_s.mean(),
+        "compute_ms": 1e3 * compute_s / tokens,
+        "stall_ms": 1e3 * stall_s / tokens,
+        "hit_rate": hits / accesses,
+        "late_rate": late / accesses,
+        "miss_rate": misses / accesses,
+        "prefetches_per_token": prefetches / tokens,
+        "loads_per_token": (misses + prefetches) / tokens,
+        "bytes_moved": (misses + prefetches) * timing.expert_bytes / tokens,
+        "wasted_bytes": wasted * timing.expert_bytes / tokens,
+    }
+
+
+def confidence_thresholds(cfg: SimConfig, timing: TimingModel, lookahead: int, slots: int) -> tuple[float, float]:
+    """(low, high) of the confidence-driven budget; automatic values come from the timing model's break-even."""
+    low = cfg.confidence_low if cfg.confidence_low is not None else timing.break_even_confidence(lookahead, slots)
+    return low, cfg.confidence_high if cfg.confidence_high is not None else low
+
+
+def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_s: float) -> list[PolicyRun]:
+    """Every (policy, predictor, eviction, budget, lookahead) the config asks for and the predictions allow."""
+    num_layers = trace.experts_TLK.shape[1]
+    runs = []
+    if "on_demand" in cfg.policies:
+        for eviction in cfg.evictions:
+            if eviction != "predicted":  # nothing is predicted
+                runs.append(PolicyRun("on_demand", "", eviction, 0, 0, no_plan(trace.experts_TLK),
+                                      issue_layers(num_layers, num_layers), 0.0))  # fmt: skip
+    for lookahead in cfg.lookaheads:
+        if lookahead >= num_layers:
+            continue
+        issue = issue_layers(num_layers, lookahead)
+        for eviction in cfg.evictions:
+            if "oracle" in cfg.policies:
+                runs.append(PolicyRun("oracle", "", eviction, trace.experts_TLK.shape[2], lookahead,
+                                      oracle_plan(trace.experts_TLK), issue, 0.0))  # fmt: skip
+            for name, predictions in trace.predictions.items():
+                if predictions.max_lookahead < lookahead:
+                    continue
+                if name == "gate_lookahead":
+                    kinds = [("gate_lookahead", b) for b in cfg.budgets] if "gate_lookahead" in cfg.policies else []
+                    cost = launch_s  # one small matmul: the next router on this hidden state
+                else:
+                    kinds = [("predictor_topb", b) for b in cfg.budgets] if "predictor_topb" in cfg.policies else []
+                    if "predictor_confidence" in cfg.policies:
+                        kinds.append(("predictor_confidence", max(cfg.budgets)))
+                    cost = cfg.predictor_us * 1e-6
+                for policy, budget in kinds:
+                    if policy == "predictor_confidence":
+                        low, high = confidence_thresholds(cfg, timing, lookahead, trace.experts_TLK.shape[2])
+                        plan = confidence_plan(predictions, lookahead, low, high, budget)
+                    else:
+                        plan = topb_plan(predictions, lookahead, budget)
+                    runs.append(PolicyRun(policy, name, eviction, budget, lookahead, plan, issue, cost))
+    return runs
+
+
+def simulate_sweep(
+    trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_s: float, labels: dict[str, str]
+) -> tuple[pd.DataFrame, dict]:
+    """simulation.csv as a DataFrame (``labels``: hardware and target names) and the sweep's own statistics."""
+    num_tokens, num_layers, slots = trace.experts_TLK.shape
+    runs = policy_runs(trace, cfg, timing, launch_s)
+    rows, events, started = [], 0, time.perf_counter()
+    for fraction in tqdm(cfg.cache_fractions, desc="simulate", unit="cache size"):
+        capacity = capacity_for(fraction, num_layers, trace.num_experts, slots)
+        for run in runs:
+            rows.append({**labels, "cache_fraction": fraction, **replay(trace, run, capacity, timing)})
+            events += num_tokens * num_layers
+    seconds = time.perf_counter() - started
+    frame = _relative_columns(pd.DataFrame(rows), timing)
+    return frame, {"runs": len(rows), "layer_events": events, "seconds": seconds, "events_per_s": events / seconds}
+
+
+def _relative_columns(frame: pd.DataFrame, timing: TimingModel) -> pd.DataFrame:
+    base = frame[(frame["policy"] == "on_demand") & (frame["eviction"] == "lru")].set_index("cache_fraction")
+    reference = frame["cache_fraction"].map(base["ms_per_token"])
+    frame["speedup_vs_on_demand"] = reference / frame["ms_per_token"]
+    oracle = frame[frame["policy"] == "oracle"].set_index(["cache_fraction", "eviction", "lookahead"])["ms_per_token"]
+    keys = pd.MultiIndex.from_frame(frame[["cache_fraction", "eviction", "lookahead"]])
+    oracle_ms = pd.Series(oracle.reindex(keys).to_numpy(), index=frame.index)
+    frame["oracle_gain_fraction"] = (reference - frame["ms_per_token"]) / (reference - oracle_ms)
+    # Belady's on-demand loads are the fewest any schedule needs (prefetching or not); each completes before its
+    # use, one at a time on the link, so no policy beats max(pure compute, those loads' copy time).
+    belady = frame[(frame["policy"] == "on_demand") & (frame["eviction"] == "belady")].set_index("cache_fraction")
+    if len(belady):
+        link_ms = frame["cache_fraction"].map(belady["loads_per_token"]) * timing.copy_s * 1e3
+        frame["bound_ms"] = np.maximum(frame["compute_ms"].min(), link_ms)
+    else:  # sim.policies or sim.evictions left out on-demand Belady
+        frame["bound_ms"] = np.nan
+    return frame

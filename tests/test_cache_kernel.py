@@ -1,0 +1,134 @@
+"""The simulator's event loop: hand-made access sequences with exact hit/miss/stall figures, the eviction rules'
+properties (Belady never misses more than LRU or LFU) and the timing identities (infinite link = pure compute)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from speculation.cache import kernel
+from speculation.cache.plans import issue_layers, no_plan, oracle_plan
+
+HITS, LATE, MISSES, PREFETCHES, WASTED, STALL, COMPUTE = range(7)
+
+
+def run(experts_TLK, eviction, capacity, plan=None, issue=None, num_experts=None, copy=1.0, non_expert=0.0,
+        expert=0.0, head=0.0, predictor=0.0):  # fmt: skip
+    experts_TLK = np.asarray(experts_TLK, dtype=np.int32)
+    num_layers = experts_TLK.shape[1]
+    plan = no_plan(experts_TLK) if plan is None else np.asarray(plan, dtype=np.int32)
+    issue = issue_layers(num_layers, num_layers) if issue is None else np.asarray(issue, dtype=np.int64)
+    num_experts = num_experts or int(experts_TLK.max()) + 1
+    return kernel.simulate(
+        experts_TLK, plan, issue, num_experts, capacity, kernel.EVICTION_CODES[eviction], copy, non_expert, expert,
+        head, predictor,
+    )  # fmt: skip
+
+
+def one_layer(sequence: list[int]) -> np.ndarray:
+    return np.array(sequence)[:, None, None]
+
+
+@pytest.mark.parametrize(
+    ("sequence", "eviction", "hits", "misses"),
+    [
+        # capacity 2. LRU: 0m 1m 0h 2m(evicts 1) 1m(evicts 0)
+        ([0, 1, 0, 2, 1], "lru", 1, 4),
+        # LRU evicts 0 (used at t=1) for 2, LFU evicts 1 (used once); 0 then hits under LFU only
+        ([0, 0, 1, 2, 0], "lru", 1, 4),
+        ([0, 0, 1, 2, 0], "lfu", 2, 3),
+        # LRU and LFU (all counts 1, ties go to the least recent) miss every time; Belady keeps 0 for t=3
+        ([0, 1, 2, 0, 1], "lru", 0, 5),
+        ([0, 1, 2, 0, 1], "lfu", 0, 5),
+        ([0, 1, 2, 0, 1], "belady", 1, 4),
+    ],
+)
+def test_hand_made_sequences_give_exact_hits_misses_and_stalls(sequence, eviction, hits, misses):
+    token_s, counters = run(one_layer(sequence), eviction, capacity=2, copy=3.0, non_expert=1.0, expert=0.5)
+    assert counters[HITS] == hits and counters[MISSES] == misses and counters[LATE] == 0
+    # on demand, every miss stalls for one whole copy (the link is idle whenever the GPU waits)
+    assert counters[STALL] == pytest.approx(3.0 * misses)
+    assert token_s.sum() == pytest.approx(len(sequence) * 1.5 + 3.0 * misses)
+
+
+def test_a_prefetch_hides_part_of_the_copy_and_queues_behind_the_demand_copy():
+    experts = [[[0], [1]]]  # one token, two layers; oracle prefetch of layer 1 issued at layer 0
+    kwargs = dict(eviction="lru", capacity=2, num_experts=2, copy=3.0, non_expert=1.0)
+    token_s, counters = run(experts, plan=oracle_plan(np.array(experts)), issue=issue_layers(2, 1), **kwargs)
+    # layer 0: router at t=1, demand copy 1..4, prefetch queued 4..7; layer 1 router at t=5, waits until 7
+    assert token_s[0] == pytest.approx(7.0)
+    assert list(counters[:WASTED]) == [0, 1, 1, 1]  # hits, late, misses, prefetches
+    assert counters[STALL] == pytest.approx(3.0 + 2.0)
+    on_demand, _ = run(experts, **kwargs)
+    assert on_demand[0] == pytest.approx(8.0)  # the second copy starts only at layer 1's router (t=5)
+
+
+def test_a_wrong_prefetch_is_wasted_and_costs_link_time():
+    experts = np.array([[[0], [1]]])
+    plan = np.array([[[-1], [0]]])  # predicts expert 0 for layer 1; the router picks 1
+    token_s, counters = run(experts, "lru", 3, plan=plan, issue=issue_layers(2, 1), num_experts=2, copy=3.0,
+                            non_expert=1.0)  # fmt: skip
+    assert counters[PREFETCHES] == 1 and counters[WASTED] == 1 and counters[MISSES] == 2
+    # layer 1's demand copy queues behind the useless prefetch: 4..7 prefetch, 7..10 demand
+    assert token_s[0] == pytest.approx(10.0)
+
+
+def test_prediction_aware_eviction_keeps_the_predicted_expert():
+    # 3 layers, capacity 2. Token 0 loads (layer 0, e0) and (layer 2, e0). Token 1: layer 0 hits e0 and predicts
+    # e0 for its layer 2 (resident: nothing to copy); layer 1 misses e1. LRU evicts the least recent, (2, e0), which
+    # layer 2 then misses; the prediction-aware rule protects it and evicts (0, e0) instead.
+    experts = np.array([[[0], [-1], [0]], [[0], [1], [0]]])
+    plan = np.full((2, 3, 1), -1)
+    plan[1, 2, 0] = 0
+    kwargs = dict(capacity=2, plan=plan, issue=issue_layers(3, 2), num_experts=2)
+    lru = run(experts, "lru", **kwargs)[1]
+    predicted = run(experts, "predicted", **kwargs)[1]
+    assert (lru[HITS], lru[MISSES]) == (1, 4)
+    assert (predicted[HITS], predicted[MISSES]) == (2, 3)
+    assert lru[PREFETCHES] == predicted[PREFETCHES] == 0
+
+
+def test_an_infinite_link_makes_on_demand_pure_compute():
+    rng = np.random.default_rng(0)
+    experts = rng.integers(0, 8, size=(500, 6, 2)).astype(np.int32)
+    experts[rng.random(experts.shape) < 0.1] = -1  # dropped slots cost nothing
+    token_s, counters = run(experts, "lru", 12, num_experts=8, copy=0.0, non_expert=1e-4, expert=2e-5, head=5e-5)
+    computed = (experts >= 0).sum(axis=(1, 2))
+    assert np.allclose(token_s, 6 * 1e-4 + computed * 2e-5 + 5e-5)
+    assert counters[STALL] == 0.0
+
+
+def test_an_unbounded_cache_copies_every_used_expert_exactly_once():
+    rng = np.random.default_rng(1)
+    experts = rng.integers(0, 8, size=(300, 4, 1)).astype(np.int32)
+    _, counters = run(experts, "lru", 4 * 8, plan=oracle_plan(experts), issue=issue_layers(4, 2), num_experts=8)
+    distinct = len({(layer, e) for layer in range(4) for e in experts[:, layer, 0]})
+    assert counters[MISSES] + counters[PREFETCHES] == distinct and counters[WASTED] == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sequence=st.lists(st.integers(0, 5), min_size=1, max_size=60),
+    capacity=st.integers(1, 5),
+)
+def test_belady_never_misses_more_than_lru_or_lfu(sequence, capacity):
+    experts = one_layer(sequence)
+    misses = {ev: run(experts, ev, capacity, num_experts=6)[1][MISSES] for ev in ("lru", "lfu", "belady")}
+    assert misses["belady"] <= misses["lru"] and misses["belady"] <= misses["lfu"]
+
+
+def test_no_policy_beats_pure_compute_and_on_demand_time_is_compute_plus_misses_times_copy():
+    rng = np.random.default_rng(2)
+    experts = rng.integers(0, 8, size=(400, 6, 1)).astype(np.int32)
+    timing = dict(copy=4e-4, non_expert=1e-4, expert=2e-5, head=5e-5)
+    compute = 6 * (1e-4 + 2e-5) + 5e-5
+    for eviction in kernel.EVICTION_CODES:
+        token_s, counters = run(experts, eviction, 24, num_experts=8, **timing)
+        assert token_s.sum() == pytest.approx(400 * compute + counters[MISSES] * 4e-4)
+        for lookahead in (1, 2, 3):
+            plan = oracle_plan(experts)
+            token_s, _ = run(experts, eviction, 24, plan=plan, issue=issue_layers(6, lookahead), num_experts=8,
+                             **timing)  # fmt: skip
+            assert token_s.mean() >= compute - 1e-12
