@@ -1,0 +1,85 @@
+"""Benchmark: the prefetch simulator's throughput in layer-events per second (one event = one token at one MoE layer).
+
+    python benchmarks/simulator_bench.py                              # synthetic top-1 traces, 6 layers x 8 experts
+    python benchmarks/simulator_bench.py --workdir outputs/default    # a workdir's test split, oracle plan
+
+Each (policy, eviction) is replayed ``--repeats`` times after a warm-up call (numba compiles on first use, and
+caches the machine code on disk); the median is reported. The policies differ in how many copies (and so how many
+eviction scans) they cause: on-demand issues only misses, the oracle plan a copy per non-resident target.
+Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from speculation.cache import kernel
+from speculation.cache.config import HardwareConfig, TargetConfig
+from speculation.cache.plans import issue_layers, no_plan, oracle_plan, replay_rows
+from speculation.cache.timing import TimingModel
+
+
+def load_experts(args: argparse.Namespace) -> tuple[np.ndarray, int]:
+    if args.workdir is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, args.experts, size=(args.tokens, args.layers, args.k)).astype(np.int32), args.experts
+    from speculation.traces import TraceStore
+
+    store = TraceStore.open(f"{args.workdir}/traces")
+    rows = replay_rows(store, "test", args.tokens)
+    experts = store.split("test").rows(np.arange(rows.start, rows.stop), fields=["experts"])["experts"]
+    return experts.astype(np.int32), store.num_experts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    experts, num_experts = load_experts(args)
+    num_tokens, num_layers, _ = experts.shape
+    timing = TimingModel.from_profiles(HardwareConfig(), TargetConfig())
+    capacity = max(round(args.fraction * num_layers * num_experts), experts.shape[2])
+    plans = {
+        "on_demand": (no_plan(experts), issue_layers(num_layers, num_layers)),
+        "oracle_d2": (oracle_plan(experts), issue_layers(num_layers, 2)),
+    }
+    results = []
+    for policy, (plan, issue) in plans.items():
+        for eviction, code in kernel.EVICTION_CODES.items():
+
+            def replay(plan=plan, issue=issue, code=code):
+                return kernel.simulate(experts, plan, issue, num_experts, capacity, code, timing.copy_s,
+                                       timing.non_expert_s, timing.expert_s, timing.head_s, 1e-5)  # fmt: skip
+
+            started = time.perf_counter()
+            replay()
+            first = time.perf_counter() - started
+            seconds = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                replay()
+                seconds.append(time.perf_counter() - started)
+            median = statistics.median(seconds)
+            rate = round(num_tokens * num_layers / median)
+            results.append({"policy": policy, "eviction": eviction, "first_call_s": round(first, 3),
+                            "median_s": round(median, 4), "layer_events_per_s": rate})  # fmt: skip
+            print(json.dumps(results[-1]))
+    rates = [r["layer_events_per_s"] for r in results]
+    summary = {"tokens": num_tokens, "layers": num_layers, "experts": num_experts, "capacity": capacity,
+               "min_layer_events_per_s": min(rates), "median_layer_events_per_s": statistics.median(rates)}  # fmt: skip
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
