@@ -156,3 +156,14 @@ def test_bounds_hold_and_the_oracle_is_never_slower_than_a_realizable_policy(sim
     assert (prefetching["bytes_moved"] >= prefetching["wasted_bytes"]).all()
     oracle = frame[frame["policy"] == "oracle"]
     assert np.allclose(oracle["oracle_gain_fraction"].dropna(), 1.0)
+
+
+def test_equal_bytes_comparison_interpolates_the_fixed_budgets():
+    from speculation.cache.report import equal_bytes_table
+
+    rows = [("on_demand", "", 0, 0, 10e6, 2.0), ("predictor_topb", "ctx", 1, 2, 20e6, 1.0),
+            ("predictor_topb", "ctx", 2, 2, 40e6, 1.6), ("predictor_confidence", "ctx", 2, 2, 15e6, 1.2)]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["policy", "predictor", "budget", "lookahead", "bytes_moved", "ms_per_token"])
+    table = table.assign(cache_fraction=0.5, eviction="lru")
+    # halfway between on-demand (10 MB, 2.0 ms) and top-1 (20 MB, 1.0 ms): 1.5 ms at 15 MB; the rule takes 1.2
+    assert "| ctx | 1.2000 | 15.00 | 1.5000 | -0.3000 |" in equal_bytes_table(table, 0.5, 2)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from speculation.cache.config import HardwareConfig, SimConfig, TargetConfig
@@ -110,6 +111,28 @@ def sweep_table(table: pd.DataFrame, lookahead: int, eviction: str = "lru") -> s
     return "\n".join(lines)
 
 
+def equal_bytes_table(table: pd.DataFrame, fraction: float, lookahead: int, eviction: str = "lru") -> str:
+    """The confidence-driven budget against the fixed top-B budgets at the same bytes moved.
+
+    A predictor's fixed budgets B = 0 (on demand), 1, 2, ... trace a bytes-vs-latency curve; mixing two adjacent
+    budgets token by token moves any amount of bytes in between at (about) the interpolated latency. The confidence
+    rule beats the fixed budgets when its latency is below that curve at its own bytes.
+    """
+    rows = table[(table["cache_fraction"] == fraction) & (table["eviction"] == eviction)]
+    on_demand = rows[rows["policy"] == "on_demand"]
+    lines = ["| predictor | confidence: ms/token | MB moved/token | fixed top-B at equal MB: ms/token | difference |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for predictor, own in rows[rows["lookahead"] == lookahead].groupby("predictor", sort=False):
+        confident = own[own["policy"] == "predictor_confidence"]
+        fixed = pd.concat([on_demand, own[own["policy"] == "predictor_topb"]]).sort_values("bytes_moved")
+        if confident.empty or len(fixed) < 2:
+            continue
+        mb, ms = confident["bytes_moved"].item(), confident["ms_per_token"].item()
+        frontier = float(np.interp(mb, fixed["bytes_moved"], fixed["ms_per_token"]))
+        lines.append(f"| {predictor} | {ms:.4f} | {mb / 1e6:.2f} | {frontier:.4f} | {ms - frontier:+.4f} |")
+    return "\n".join(lines)
+
+
 def simulate_and_report(
     store: TraceStore,
     methods: Sequence[Predictor],
@@ -166,6 +189,10 @@ def simulate_and_report(
         f"### Cache {fraction:.0%} of all experts, lookahead {lookahead}",
         "",
         headline_table(table, fraction, lookahead),
+        "",
+        f"### Confidence-driven vs fixed budgets at equal bytes (cache {fraction:.0%}, lookahead {lookahead}, LRU)",
+        "",
+        equal_bytes_table(table, fraction, lookahead),
         "",
         f"### ms/token (speedup) across cache sizes, lookahead {lookahead}, LRU eviction",
         "",
