@@ -21,10 +21,11 @@ def run(experts_TLK, eviction, capacity, plan=None, issue=None, num_experts=None
     plan = no_plan(experts_TLK) if plan is None else np.asarray(plan, dtype=np.int32)
     issue = issue_layers(num_layers, num_layers) if issue is None else np.asarray(issue, dtype=np.int64)
     num_experts = num_experts or int(experts_TLK.max()) + 1
-    return kernel.simulate(
+    token_s, counters, _, _ = kernel.simulate(
         experts_TLK, plan, issue, num_experts, capacity, kernel.EVICTION_CODES[eviction], copy, non_expert, expert,
         head, predictor,
     )  # fmt: skip
+    return token_s, counters
 
 
 def one_layer(sequence: list[int]) -> np.ndarray:
@@ -132,3 +133,35 @@ def test_no_policy_beats_pure_compute_and_on_demand_time_is_compute_plus_misses_
             token_s, _ = run(experts, eviction, 24, plan=plan, issue=issue_layers(6, lookahead), num_experts=8,
                              **timing)  # fmt: skip
             assert token_s.mean() >= compute - 1e-12
+
+
+@pytest.mark.parametrize("eviction", list(kernel.EVICTION_CODES))
+def test_the_recorded_schedule_replays_to_the_same_cache(eviction):
+    """The engine replays ``copies`` into GPU slots; every access must then find its expert in the slot it reads."""
+    rng = np.random.default_rng(3)
+    num_tokens, num_layers, num_experts, capacity = 300, 4, 6, 10
+    experts = rng.integers(0, num_experts, size=(num_tokens, num_layers, 2)).astype(np.int32)
+    experts[..., 1] = (experts[..., 0] + 1 + rng.integers(0, num_experts - 1, size=experts.shape[:2])) % num_experts
+    plan = rng.integers(-1, num_experts, size=(num_tokens, num_layers, 2)).astype(np.int32)  # noisy predictions
+    issue = issue_layers(num_layers, 2)
+    _, counters, copies, slot_TLK = kernel.simulate(
+        experts, plan, issue, num_experts, capacity, kernel.EVICTION_CODES[eviction], 1e-3, 1e-4, 2e-5, 0.0, 0.0, True
+    )
+    assert (copies[:, 1] == 0).sum() == counters[MISSES] and (copies[:, 1] == 1).sum() == counters[PREFETCHES]
+    assert copies[:, 3].max() < capacity and np.all(np.diff(copies[:, 0]) >= 0)  # slots in range, issue order
+    content = np.full(capacity, -1)
+    pending = iter(copies.tolist())
+    op = next(pending, None)
+    for t in range(num_tokens):
+        for layer in range(num_layers):
+            pos = t * num_layers + layer
+            while op is not None and op[0] == pos and op[1] == 0:  # this layer's demand copies come first
+                content[op[3]] = op[2]
+                op = next(pending, None)
+            for k in range(2):
+                assert content[slot_TLK[t, layer, k]] == layer * num_experts + experts[t, layer, k]
+            while op is not None and op[0] == pos:  # then the prefetches issued at this layer
+                assert op[1] == 1
+                content[op[3]] = op[2]
+                op = next(pending, None)
+    assert op is None

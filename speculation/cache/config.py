@@ -26,6 +26,7 @@ class HardwareConfig:
     fp16_tflops: float = 71.0  # dense fp16 tensor-core peak (fp32 accumulate)
     h2d_pinned_gbs: float = 24.0  # host-to-device copy bandwidth from pinned memory, GB/s
     h2d_pageable_gbs: float = 13.0  # from pageable memory
+    h2d_under_compute_gbs: float | None = None  # pinned, while kernels run (measured by spec-calibrate); None: pinned
     copy_latency_us: float = 6.0  # fixed cost of one cudaMemcpyAsync call
     launch_us: float = 5.0  # one kernel launch at batch-1 decode
     pinned: bool = True  # experts live in pinned host memory (pageable copies are slower)
@@ -35,6 +36,8 @@ class HardwareConfig:
             positive(f"hardware.{key}", getattr(self, key), "Check the profile in conf/hardware/.")
         for key in ("copy_latency_us", "launch_us"):
             require(getattr(self, key) >= 0, f"hardware.{key}={getattr(self, key)} must be >= 0.")
+        if self.h2d_under_compute_gbs is not None:
+            positive("hardware.h2d_under_compute_gbs", self.h2d_under_compute_gbs, "Or null: use h2d_pinned_gbs.")
 
 
 @dataclass

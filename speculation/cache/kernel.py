@@ -88,13 +88,16 @@ def simulate(
     expert_s: float,
     head_s: float,
     predictor_s: float,
-) -> tuple[np.ndarray, np.ndarray]:
+    record: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Replay ``experts_TLK`` (-1 = unused slot) with prefetch plan ``plan_TLB`` (experts to prefetch for token t's
     layer m, issued at layer ``issue_layer_L[m]`` of the same token; -1 = none).
 
-    Returns the per-token latency [T] (seconds) and counters
-    ``[hits, late, misses, prefetches, wasted, stall_s, compute_s]`` (wasted: prefetched experts evicted, or left
-    at the end, without being used).
+    Returns the per-token latency [T] (seconds), counters ``[hits, late, misses, prefetches, wasted, stall_s,
+    compute_s]`` (wasted: prefetched experts evicted, or left at the end, without being used), and with ``record``
+    the schedule the real engine replays: ``copies`` [n, 4] = (clock position, kind 0 demand / 1 prefetch,
+    layer · E + expert, GPU slot) in issue order, and ``slot_TLK``, the GPU slot each access reads (-1: none).
+    The cache's decisions depend on clock positions only, never on times, so the schedule is the same on any GPU.
     """
     num_tokens, num_layers, slots = experts_TLK.shape
     budget = plan_TLB.shape[2]
@@ -106,6 +109,11 @@ def simulate(
     pinned_at = np.full(size, -1, dtype=np.int64)
     predicted_for = np.full(size, -1, dtype=np.int64)
     unused = np.zeros(size, dtype=np.bool_)
+    slot_of = np.full(size, -1, dtype=np.int64)
+    most = num_tokens * num_layers * (slots + budget) if record else 1
+    copies = np.zeros((most, 4), dtype=np.int64)
+    slot_TLK = np.full((num_tokens, num_layers, slots) if record else (1, 1, 1), -1, dtype=np.int64)
+    count = 0
     following, next_access = next_uses(experts_TLK, num_experts)
     token_s = np.zeros(num_tokens, dtype=np.float64)
     hits = late = misses = prefetches = wasted = 0
@@ -147,12 +155,19 @@ def simulate(
                         )
                         resident[victim] = False
                         wasted += unused[victim]
+                        slot_of[s], slot_of[victim] = slot_of[victim], -1
                     else:
+                        slot_of[s] = occupied
                         occupied += 1
+                    if record:
+                        copies[count] = (pos, 0, s, slot_of[s])
+                        count += 1
                     resident[s] = True
                     arrival[s] = max(gpu, link_free) + copy_s
                     link_free = arrival[s]
                 ready = max(ready, arrival[s])
+                if record:
+                    slot_TLK[t, layer, k] = slot_of[s]
                 last_use[s] = pos
                 uses[s] += 1
                 unused[s] = False
@@ -178,8 +193,13 @@ def simulate(
                                 continue  # nothing evictable, or (Belady) the victim is needed sooner
                             resident[victim] = False
                             wasted += unused[victim]
+                            slot_of[s], slot_of[victim] = slot_of[victim], -1
                         else:
+                            slot_of[s] = occupied
                             occupied += 1
+                        if record:
+                            copies[count] = (pos, 1, s, slot_of[s])
+                            count += 1
                         resident[s] = True
                         arrival[s] = max(issued, link_free) + copy_s
                         link_free = arrival[s]
@@ -197,4 +217,4 @@ def simulate(
     for s in range(size):
         wasted += resident[s] and unused[s]
     counters = np.array([hits, late, misses, prefetches, wasted, stall, compute], dtype=np.float64)
-    return token_s, counters
+    return token_s, counters, copies[:count], slot_TLK

@@ -51,7 +51,7 @@ def capacity_for(fraction: float, num_layers: int, num_experts: int, slots: int)
 
 def replay(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingModel) -> dict:
     """Simulate one run; its per-token figures (the simulation.csv columns that do not need other rows)."""
-    token_s, counters = kernel.simulate(
+    token_s, counters, _, _ = kernel.simulate(
         trace.experts_TLK,
         np.ascontiguousarray(run.plan_TLB, dtype=np.int32),
         run.issue_layer_L,

@@ -25,7 +25,10 @@ class TimingModel:
 
     @classmethod
     def from_profiles(cls, hardware: HardwareConfig, target: TargetConfig) -> TimingModel:
-        link_gbs = hardware.h2d_pinned_gbs if hardware.pinned else hardware.h2d_pageable_gbs
+        if hardware.pinned:  # decode copies overlap kernels: prefer the bandwidth measured under compute
+            link_gbs = hardware.h2d_under_compute_gbs or hardware.h2d_pinned_gbs
+        else:
+            link_gbs = hardware.h2d_pageable_gbs
         nbytes = target.bytes_per_param
         launch = hardware.launch_us * 1e-6
 
