@@ -76,6 +76,25 @@ def _victim(resident, pinned_at, now_pos, last_use, uses, next_access, predicted
 
 
 @njit(cache=True)
+def _place(s, victim, occupied, resident, unused, slot_of) -> tuple[int, int]:
+    """Make expert ``s`` resident in ``victim``'s slot (evicting it) or, with ``victim`` -1, in a free slot.
+
+    Returns the new occupied count and 1 if the victim was a prefetch never used (wasted), else 0.
+    """
+    wasted = 0
+    if victim >= 0:
+        resident[victim] = False
+        wasted = 1 if unused[victim] else 0
+        slot_of[s] = slot_of[victim]
+        slot_of[victim] = -1
+    else:
+        slot_of[s] = occupied
+        occupied += 1
+    resident[s] = True
+    return occupied, wasted
+
+
+@njit(cache=True)
 def simulate(
     experts_TLK: np.ndarray,
     plan_TLB: np.ndarray,
@@ -149,20 +168,16 @@ def simulate(
                         late += 1
                 else:
                     misses += 1
+                    victim = -1
                     if occupied >= capacity:
                         victim = _victim(
                             resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused, eviction
                         )
-                        resident[victim] = False
-                        wasted += unused[victim]
-                        slot_of[s], slot_of[victim] = slot_of[victim], -1
-                    else:
-                        slot_of[s] = occupied
-                        occupied += 1
+                    occupied, lost = _place(s, victim, occupied, resident, unused, slot_of)
+                    wasted += lost
                     if record:
                         copies[count] = (pos, 0, s, slot_of[s])
                         count += 1
-                    resident[s] = True
                     arrival[s] = max(gpu, link_free) + copy_s
                     link_free = arrival[s]
                 ready = max(ready, arrival[s])
@@ -185,22 +200,18 @@ def simulate(
                         predicted_for[s] = max(predicted_for[s], t * num_layers + target)
                         if resident[s]:
                             continue
+                        victim = -1
                         if occupied >= capacity:
                             victim = _victim(
                                 resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused, eviction
                             )
                             if victim < 0 or (eviction == BELADY and next_access[victim] <= next_access[s]):
                                 continue  # nothing evictable, or (Belady) the victim is needed sooner
-                            resident[victim] = False
-                            wasted += unused[victim]
-                            slot_of[s], slot_of[victim] = slot_of[victim], -1
-                        else:
-                            slot_of[s] = occupied
-                            occupied += 1
+                        occupied, lost = _place(s, victim, occupied, resident, unused, slot_of)
+                        wasted += lost
                         if record:
                             copies[count] = (pos, 1, s, slot_of[s])
                             count += 1
-                        resident[s] = True
                         arrival[s] = max(issued, link_free) + copy_s
                         link_free = arrival[s]
                         last_use[s] = pos  # an arrival counts as a use for LRU: a fresh prefetch is not the victim
