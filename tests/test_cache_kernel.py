@@ -165,3 +165,19 @@ def test_the_recorded_schedule_replays_to_the_same_cache(eviction):
                 content[op[3]] = op[2]
                 op = next(pending, None)
     assert op is None
+
+
+def test_the_clairvoyant_oracle_skips_a_prefetch_that_evicts_a_sooner_use():
+    # capacity 3, layers 0..2. Token 1 prefetches (layer 2, e1) at layer 0; LRU's victim is (layer 1, e0), which
+    # token 1 needs at layer 1, before the prefetched expert: the oracle skips that prefetch, LRU alone does not.
+    experts = np.array([[[0], [0], [0]], [[0], [0], [1]]])
+    plan = oracle_plan(experts)
+    args = (experts.astype(np.int32), plan, issue_layers(3, 2), 2, 3, kernel.EVICTION_CODES["lru"], 3.0, 1.0, 0.0,
+            0.0, 0.0, False)  # fmt: skip
+    blind_s, blind, _, _ = kernel.simulate(*args, False)
+    seer_s, seer, _, _ = kernel.simulate(*args, True)
+    # token 0: layer 0 missed, layers 1 and 2 prefetched. Token 1: the blind prefetch of (2, e1) evicts (1, e0),
+    # missed at layer 1; the oracle keeps (1, e0) and fetches (2, e1) on demand: one copy less for the same misses
+    assert (blind[MISSES], blind[PREFETCHES]) == (2, 3)
+    assert (seer[MISSES], seer[PREFETCHES]) == (2, 2)
+    assert seer_s.sum() <= blind_s.sum()

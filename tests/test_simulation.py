@@ -150,6 +150,8 @@ def test_bounds_hold_and_the_oracle_is_never_slower_than_a_realizable_policy(sim
             oracle = rows[(rows["policy"] == "oracle") & (rows["eviction"] == eviction)
                           & (rows["lookahead"] == lookahead)]["ms_per_token"].item()  # fmt: skip
             assert oracle <= group["ms_per_token"].min() + 1e-12, (fraction, eviction, lookahead)
+            if eviction in on_demand:  # prefetching perfectly never loses to not prefetching
+                assert oracle <= on_demand[eviction] + 1e-12, (fraction, eviction, lookahead)
         oracle_best = rows[(rows["policy"] == "oracle") & (rows["eviction"] == "belady")]["ms_per_token"].min()
         assert oracle_best <= realizable["ms_per_token"].min() + 1e-12, fraction
     prefetching = frame[frame["policy"] != "on_demand"]

@@ -108,6 +108,7 @@ def simulate(
     head_s: float,
     predictor_s: float,
     record: bool = False,
+    clairvoyant: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Replay ``experts_TLK`` (-1 = unused slot) with prefetch plan ``plan_TLB`` (experts to prefetch for token t's
     layer m, issued at layer ``issue_layer_L[m]`` of the same token; -1 = none).
@@ -117,6 +118,8 @@ def simulate(
     the schedule the real engine replays: ``copies`` [n, 4] = (clock position, kind 0 demand / 1 prefetch,
     layer · E + expert, GPU slot) in issue order, and ``slot_TLK``, the GPU slot each access reads (-1: none).
     The cache's decisions depend on clock positions only, never on times, so the schedule is the same on any GPU.
+    ``clairvoyant`` (the oracle) skips a prefetch whose victim is needed before the prefetched expert under any
+    eviction rule, as Belady always does: knowing the future, it never trades a sooner use for a later one.
     """
     num_tokens, num_layers, slots = experts_TLK.shape
     budget = plan_TLB.shape[2]
@@ -205,8 +208,9 @@ def simulate(
                             victim = _victim(
                                 resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused, eviction
                             )
-                            if victim < 0 or (eviction == BELADY and next_access[victim] <= next_access[s]):
-                                continue  # nothing evictable, or (Belady) the victim is needed sooner
+                            knows_future = clairvoyant or eviction == BELADY
+                            if victim < 0 or (knows_future and next_access[victim] <= next_access[s]):
+                                continue  # nothing evictable, or (knowing the future) the victim is needed sooner
                         occupied, lost = _place(s, victim, occupied, resident, unused, slot_of)
                         wasted += lost
                         if record:

@@ -182,7 +182,8 @@ def simulate_and_report(
         "",
         "On-demand Belady bounds every on-demand policy; the overlap bound (max of pure compute and the fewest loads "
         "any schedule needs, times one copy) bounds every policy. The oracle prefetches the router's real choice at "
-        "the same issue times as the predictors.",
+        "the same issue times as the predictors and, knowing the future, skips a prefetch whose victim is needed "
+        "sooner; with Belady eviction a top-2 predictor can still beat it by loading experts later tokens need.",
         "",
         bounds_table(table, lookahead),
         "",

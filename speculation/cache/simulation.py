@@ -5,7 +5,10 @@ fraction by the row's; ``oracle_gain_fraction`` is the row's gain over on-demand
 *with the same eviction and lookahead* (only the predictions differ). Bounds, computed: on-demand with Belady eviction
 bounds every on-demand policy (its time is compute + its minimal misses × one copy); ``bound_ms`` bounds every
 policy: max(pure compute, Belady's minimal loads × one copy), perfect overlap of the fewest copies any schedule
-needs. Oracle prefetch is a policy, not a bound: the router's real choice fetched at the same issue times.
+needs. Oracle prefetch is a policy, not a bound: the router's real choice fetched at the same issue times, skipping
+any prefetch whose victim is needed sooner (it knows the future). It is never slower than a realizable policy with
+its eviction rule; under Belady eviction (itself offline) a top-2 prefetcher can beat it by loading, by chance,
+experts that later tokens need.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class PolicyRun:
     plan_TLB: np.ndarray
     issue_layer_L: np.ndarray
     predictor_s: float
+    clairvoyant: bool = False  # the oracle: knows the future, so never prefetches at the cost of a sooner use
 
 
 def capacity_for(fraction: float, num_layers: int, num_experts: int, slots: int) -> int:
@@ -63,6 +67,8 @@ def replay(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingMode
         timing.expert_s,
         timing.head_s,
         run.predictor_s,
+        False,
+        run.clairvoyant,
     )
     hits, late, misses, prefetches, wasted, stall_s, compute_s = counters
     tokens = len(token_s)
@@ -110,7 +116,7 @@ def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_
         for eviction in cfg.evictions:
             if "oracle" in cfg.policies:
                 runs.append(PolicyRun("oracle", "", eviction, trace.experts_TLK.shape[2], lookahead,
-                                      oracle_plan(trace.experts_TLK), issue, 0.0))  # fmt: skip
+                                      oracle_plan(trace.experts_TLK), issue, 0.0, clairvoyant=True))  # fmt: skip
             for name, predictions in trace.predictions.items():
                 if predictions.max_lookahead < lookahead:
                     continue

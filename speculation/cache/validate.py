@@ -37,7 +37,7 @@ def simulate_recorded(trace: ReplayTrace, run: PolicyRun, capacity: int, timing:
     token_s, counters, copies, slot_TLK = kernel.simulate(
         trace.experts_TLK, np.ascontiguousarray(run.plan_TLB, dtype=np.int32), run.issue_layer_L, trace.num_experts,
         capacity, kernel.EVICTION_CODES[run.eviction], timing.copy_s, timing.non_expert_s, timing.expert_s,
-        timing.head_s, run.predictor_s, True,
+        timing.head_s, run.predictor_s, True, run.clairvoyant,
     )  # fmt: skip
     return token_s, counters, Schedule(trace.experts_TLK, copies, slot_TLK, capacity)
 
