@@ -145,11 +145,16 @@ def cache_sweep(table: pd.DataFrame, lookahead: int, path: Path) -> Path:
     """ms/token and hit rate vs cache fraction, one line per policy (LRU eviction, largest budget shown once)."""
     rows = table[(table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
-    for label, line in rows.groupby(rows.apply(_policy_label, axis=1), sort=False):
+    groups = list(rows.groupby(rows.apply(_policy_label, axis=1), sort=False))
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(groups), 2)))
+    for (label, line), color in zip(groups, colors, strict=True):
         line = line.sort_values("cache_fraction")
-        style = "--" if line["policy"].iloc[0] in ("on_demand", "oracle") else "-"
-        axes[0].plot(line["cache_fraction"], line["ms_per_token"], style, marker="o", ms=3, label=label)
-        axes[1].plot(line["cache_fraction"], line["hit_rate"], style, marker="o", ms=3, label=label)
+        # references (on-demand, oracle) dashed, the fixed budgets above one expert dotted
+        policy, budget = line["policy"].iloc[0], line["budget"].iloc[0]
+        fixed_wide = policy in ("gate_lookahead", "predictor_topb") and budget > 1
+        style = "--" if policy in ("on_demand", "oracle") else ":" if fixed_wide else "-"
+        for ax, column in zip(axes, ("ms_per_token", "hit_rate"), strict=True):
+            ax.plot(line["cache_fraction"], line[column], style, color=color, marker="o", ms=3, label=label)
     axes[0].set_ylabel("ms per token")
     axes[1].set_ylabel("hit rate (expert resident when its layer runs)")
     for ax in axes:
