@@ -13,8 +13,8 @@ from conftest import TINY_COLLECT, compose_config
 from collect.main import collect
 from evaluate.main import evaluate
 from speculation.cache.config import SimConfig, TargetConfig
-from speculation.cache.plans import RankedPredictions, confidence_plan, issue_layers, topb_plan
-from speculation.cache.simulation import capacity_for, confidence_thresholds
+from speculation.cache.plans import RankedPredictions, ReplayTrace, confidence_plan, issue_layers, topb_plan
+from speculation.cache.simulation import capacity_for, confidence_thresholds, simulate_sweep
 from speculation.cache.timing import TimingModel
 from speculation.config import EvaluateConfig, PipelineConfig, to_object
 from speculation.pipeline import train_all
@@ -75,10 +75,14 @@ def test_confidence_thresholds_must_be_ordered_and_default_to_the_break_even():
     assert confidence_thresholds(SimConfig(confidence_low=0.3, confidence_high=0.9), timing, 1, 1) == (0.3, 0.9)
 
 
-def test_a_cache_too_small_for_one_layer_is_refused():
+def test_a_cache_too_small_for_one_layer_or_a_lookahead_past_the_last_layer_is_refused():
     assert capacity_for(0.5, 6, 8, 1) == 24
     with pytest.raises(ValueError, match=r"fewer than the 2 experts one token uses per layer; raise the fraction"):
         capacity_for(0.01, 6, 8, 2)
+    trace = ReplayTrace(np.zeros((10, 4, 1), dtype=np.int32), 8, {})
+    timing = TimingModel(copy_s=4e-4, expert_s=2e-5, non_expert_s=1e-4, head_s=5e-5, expert_bytes=1)
+    with pytest.raises(ValueError, match=r"sim.lookaheads has \[4, 6\] but the traces have 4 MoE layers"):
+        simulate_sweep(trace, SimConfig(lookaheads=[1, 4, 6]), timing, 5e-6, {})
 
 
 def test_issue_layers_and_plans_follow_the_lookahead():

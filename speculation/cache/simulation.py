@@ -110,8 +110,6 @@ def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_
                 runs.append(PolicyRun("on_demand", "", eviction, 0, 0, no_plan(trace.experts_TLK),
                                       issue_layers(num_layers, num_layers), 0.0))  # fmt: skip
     for lookahead in cfg.lookaheads:
-        if lookahead >= num_layers:
-            continue
         issue = issue_layers(num_layers, lookahead)
         for eviction in cfg.evictions:
             if "oracle" in cfg.policies:
@@ -143,6 +141,12 @@ def simulate_sweep(
 ) -> tuple[pd.DataFrame, dict]:
     """simulation.csv as a DataFrame (``labels``: hardware and target names) and the sweep's own statistics."""
     num_tokens, num_layers, slots = trace.experts_TLK.shape
+    too_far = [d for d in cfg.lookaheads if d >= num_layers]
+    if too_far:
+        raise ValueError(
+            f"sim.lookaheads has {too_far} but the traces have {num_layers} MoE layers: a prefetch can be issued at "
+            f"most {num_layers - 1} layers ahead; drop those lookaheads."
+        )
     runs = policy_runs(trace, cfg, timing, launch_s)
     rows, events, started = [], 0, time.perf_counter()
     for fraction in tqdm(cfg.cache_fractions, desc="simulate", unit="cache size"):
