@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from speculation.io import atomic_path
 
 
 def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], path: Path, title: str = "") -> Path:
@@ -37,10 +38,9 @@ def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], path: Path
 def _save(fig: plt.Figure, path: Path) -> Path:
     """Write to a temporary name and rename, so a killed run never leaves a half-written figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip("."))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import re
 import statistics
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from omegaconf import OmegaConf
 from speculation.cache.config import HardwareConfig, TargetConfig
 from speculation.cache.engine import require_cuda
 from speculation.config import CONF_DIR
+from speculation.io import atomic_write_text
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -46,9 +46,7 @@ def write_profile(profile: HardwareConfig, directory: Path, source: str) -> Path
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{profile.name}.yaml"
     body = OmegaConf.to_yaml(OmegaConf.structured(profile))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# {source}\n{body}")
-    os.replace(tmp, path)
+    atomic_write_text(path, f"# {source}\n{body}")
     return path
 
 

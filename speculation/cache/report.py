@@ -7,7 +7,6 @@ Runs of one predictor that differ only in their seed (``<kind>-seed<n>``) are av
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from speculation.cache.config import HardwareConfig, SimConfig, TargetConfig
 from speculation.cache.plans import rank_predictions
 from speculation.cache.simulation import simulate_sweep
 from speculation.cache.timing import TimingModel
+from speculation.io import atomic_path, atomic_write_text
 from speculation.plots import cache_sweep, latency_breakdown
 from speculation.predictors.base import Predictor
 from speculation.predictors.trained import TrainedPredictor
@@ -151,12 +151,9 @@ def simulate_and_report(
     frame, stats = simulate_sweep(trace, sim, timing, hardware.launch_us * 1e-6, labels)
     stats = {**stats, "timing": asdict(timing), "target": asdict(target), "hardware": asdict(hardware)}
     eval_dir.mkdir(parents=True, exist_ok=True)
-    tmp = eval_dir / "simulation.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, eval_dir / "simulation.csv")
-    tmp = eval_dir / "simulation.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2))
-    os.replace(tmp, eval_dir / "simulation.json")
+    with atomic_path(eval_dir / "simulation.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    atomic_write_text(eval_dir / "simulation.json", json.dumps(stats, indent=2))
 
     table = seed_groups(frame)
     fraction = min(sim.cache_fractions, key=lambda f: abs(f - sim.headline_fraction))

@@ -11,7 +11,6 @@ copies), so hit / miss / prefetch counts agree by construction and the table com
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -27,6 +26,7 @@ from speculation.cache.simulation import PolicyRun, capacity_for, policy_runs
 from speculation.cache.timing import TimingModel
 from speculation.config import CONF_DIR, EvaluateConfig, to_object
 from speculation.evaluation.loading import build_heuristics, load_trained_predictors
+from speculation.io import atomic_path
 from speculation.traces import TraceStore
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     out = workdir / "eval" / "engine_validation.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out.with_name(out.name + ".tmp"), index=False)
-    os.replace(out.with_name(out.name + ".tmp"), out)
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
     log.info("engine vs simulator written to %s", out)
     return frame
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pandas as pd
 from scipy import stats
 
 from speculation.evaluation.runner import EvaluationResult
+from speculation.io import atomic_path, atomic_write_text
 from speculation.plots import accuracy_vs_lookahead, layer_accuracy_heatmap, reliability_diagrams
 
 COLUMNS = [
@@ -55,12 +55,6 @@ def seed_means(frame: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True) if rows else frame
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def markdown_table(aggregate: pd.DataFrame, lookahead: int, budget: int) -> str:
     rows = aggregate[aggregate["lookahead"] == lookahead]
     header = (
@@ -99,9 +93,8 @@ def write_outputs(
         "reliability_d1": reliability_diagrams(result.reliability, methods, 1, figures / "reliability_d1.png"),
         "layer_accuracy_d1": layer_accuracy_heatmap(per_layer, 1, figures / "layer_accuracy_d1.png"),
     }
-    tmp_csv = eval_dir / "metrics.csv.tmp"
-    frame.to_csv(tmp_csv, index=False)
-    os.replace(tmp_csv, eval_dir / "metrics.csv")
+    with atomic_path(eval_dir / "metrics.csv") as tmp:
+        frame.to_csv(tmp, index=False)
     summary = {
         **context,
         "tokens": result.tokens,
@@ -112,7 +105,7 @@ def write_outputs(
         "reliability": result.reliability,
         "figures": {name: str(path.relative_to(eval_dir)) for name, path in paths.items()},
     }
-    _atomic_text(eval_dir / "metrics.json", json.dumps(summary, indent=2))
+    atomic_write_text(eval_dir / "metrics.json", json.dumps(summary, indent=2))
     lines = [
         f"# Routing prediction: {context['model']} ({context['split']} split, {context['stack']} stack)",
         "",
@@ -130,5 +123,5 @@ def write_outputs(
     lines += sections or []
     figures_all = {**paths, **{k: v for k, v in (figures_extra or {}).items() if v.suffix == ".png"}}
     lines += ["## Figures", ""] + [f"![{name}]({path.relative_to(eval_dir)})" for name, path in figures_all.items()]
-    _atomic_text(eval_dir / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(eval_dir / "report.md", "\n".join(lines) + "\n")
     return {"metrics_csv": eval_dir / "metrics.csv", "report": eval_dir / "report.md", **paths, **(figures_extra or {})}

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from speculation.config import ModelConfig, RouterConfig, SourceTrainConfig
+from speculation.io import atomic_write_text
 from speculation.models.switch_lm import SwitchLM
 from speculation.tokenizer import EOS_ID, unigram_cross_entropy
 from speculation.tracking import Tracker
@@ -98,9 +99,7 @@ def source_identity(model: ModelConfig, router: RouterConfig, train: SourceTrain
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from speculation.config import TraceConfig
 from speculation.corpus import Document
 from speculation.health import RouterHealth
+from speculation.io import atomic_write_text
 from speculation.plots import utilisation_heatmap
 from speculation.traces import TRACE_FIELDS, SplitWriter, write_manifest
 from speculation.tracing.feeders import Chunk, make_chunks, sample_order
@@ -97,9 +98,7 @@ def check_trace_identity(traces_dir: Path, identity: dict) -> None:
             )
     else:
         traces_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True))
 
 
 def save_router_weights(recorder: RoutingRecorder, path: Path) -> None:
@@ -115,9 +114,7 @@ def save_router_weights(recorder: RoutingRecorder, path: Path) -> None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def _stack_manifest(recorder: RoutingRecorder, model: nn.Module, traces_dir: Path, stacks: Sequence[str]) -> dict:
