@@ -32,18 +32,18 @@
 # %%
 import json
 import os
-import re
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
 from speculation.notebooks import workdir_from_env
+from speculation.predictors.trained import seed_group
 
 workdir = workdir_from_env()
 eval_dir = workdir / "eval"
 frame = pd.read_csv(eval_dir / "simulation.csv", keep_default_na=False, na_values=[""])
-frame["predictor"] = frame["predictor"].fillna("").map(lambda name: re.sub(r"-seed\d+$", "", name))
+frame["predictor"] = frame["predictor"].fillna("").map(seed_group)  # seeds of one predictor averaged
 stats = json.loads((eval_dir / "simulation.json").read_text())
 fractions = sorted(frame["cache_fraction"].unique())
 fraction = min(fractions, key=lambda f: abs(f - float(os.environ.get("SPEC_CACHE_FRACTION", "0.5"))))

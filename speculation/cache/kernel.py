@@ -142,10 +142,7 @@ def simulate(
     stall = compute = 0.0
     occupied = 0
     gpu = link_free = 0.0
-    prefetching = False
-    for m in range(num_layers):
-        if issue_layer_L[m] >= 0:
-            prefetching = True
+    prefetching = np.any(issue_layer_L >= 0)
     for t in range(num_tokens):
         started = gpu
         for layer in range(num_layers):

@@ -7,7 +7,6 @@ Runs of one predictor that differ only in their seed (``<kind>-seed<n>``) are av
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from speculation.cache.timing import TimingModel
 from speculation.io import atomic_path, atomic_write_text
 from speculation.plots import cache_sweep, latency_breakdown
 from speculation.predictors.base import Predictor
-from speculation.predictors.trained import TrainedPredictor
+from speculation.predictors.trained import TrainedPredictor, seed_group
 from speculation.traces import TraceStore
 
 KEY = ["policy", "predictor", "eviction", "budget", "lookahead", "cache_fraction"]
@@ -44,7 +43,7 @@ def resolve_target(target: TargetConfig, store: TraceStore) -> TargetConfig:
 
 def seed_groups(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean over the seeds of each predictor (``<kind>-seed<n>`` → ``<kind>``), with the seed count."""
-    grouped = frame.assign(predictor=frame["predictor"].map(lambda name: re.sub(r"-seed\d+$", "", name)))
+    grouped = frame.assign(predictor=frame["predictor"].map(seed_group))
     table = grouped.groupby(KEY, sort=False)[SHOWN].mean()
     table["seeds"] = grouped.groupby(KEY, sort=False).size()
     return table.reset_index()

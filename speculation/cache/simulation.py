@@ -100,39 +100,52 @@ def confidence_thresholds(cfg: SimConfig, timing: TimingModel, lookahead: int, s
     return low, cfg.confidence_high if cfg.confidence_high is not None else low
 
 
+def _prefetch_plans(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_s: float, lookahead: int) -> list:
+    """(policy, predictor, budget, plan, predictor latency) of every prefetching policy at one lookahead."""
+    slots = trace.experts_TLK.shape[2]
+    plans = []
+    if "oracle" in cfg.policies:
+        plans.append(("oracle", "", slots, oracle_plan(trace.experts_TLK), 0.0))
+    for name, predictions in trace.predictions.items():
+        if predictions.max_lookahead < lookahead:
+            continue
+        if name == "gate_lookahead":
+            kinds = [("gate_lookahead", b) for b in cfg.budgets] if "gate_lookahead" in cfg.policies else []
+            cost = launch_s  # one small matmul: the next router on this hidden state
+        else:
+            kinds = [("predictor_topb", b) for b in cfg.budgets] if "predictor_topb" in cfg.policies else []
+            if "predictor_confidence" in cfg.policies:
+                kinds.append(("predictor_confidence", max(cfg.budgets)))
+            cost = cfg.predictor_us * 1e-6
+        for policy, budget in kinds:
+            if policy == "predictor_confidence":
+                low, high = confidence_thresholds(cfg, timing, lookahead, slots)
+                plan = confidence_plan(predictions, lookahead, low, high, budget)
+            else:
+                plan = topb_plan(predictions, lookahead, budget)
+            plans.append((policy, name, budget, plan, cost))
+    return plans
+
+
 def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_s: float) -> list[PolicyRun]:
-    """Every (policy, predictor, eviction, budget, lookahead) the config asks for and the predictions allow."""
+    """Every (policy, predictor, eviction, budget, lookahead) the config asks for and the predictions allow.
+
+    A plan does not depend on the eviction rule, so each is built once and shared by the runs of every eviction.
+    """
     num_layers = trace.experts_TLK.shape[1]
     runs = []
     if "on_demand" in cfg.policies:
+        never = np.full(num_layers, -1, dtype=np.int64)  # no layer issues a prefetch
         for eviction in cfg.evictions:
             if eviction != "predicted":  # nothing is predicted
-                runs.append(PolicyRun("on_demand", "", eviction, 0, 0, no_plan(trace.experts_TLK),
-                                      issue_layers(num_layers, num_layers), 0.0))  # fmt: skip
+                runs.append(PolicyRun("on_demand", "", eviction, 0, 0, no_plan(trace.experts_TLK), never, 0.0))
     for lookahead in cfg.lookaheads:
         issue = issue_layers(num_layers, lookahead)
+        plans = _prefetch_plans(trace, cfg, timing, launch_s, lookahead)
         for eviction in cfg.evictions:
-            if "oracle" in cfg.policies:
-                runs.append(PolicyRun("oracle", "", eviction, trace.experts_TLK.shape[2], lookahead,
-                                      oracle_plan(trace.experts_TLK), issue, 0.0, clairvoyant=True))  # fmt: skip
-            for name, predictions in trace.predictions.items():
-                if predictions.max_lookahead < lookahead:
-                    continue
-                if name == "gate_lookahead":
-                    kinds = [("gate_lookahead", b) for b in cfg.budgets] if "gate_lookahead" in cfg.policies else []
-                    cost = launch_s  # one small matmul: the next router on this hidden state
-                else:
-                    kinds = [("predictor_topb", b) for b in cfg.budgets] if "predictor_topb" in cfg.policies else []
-                    if "predictor_confidence" in cfg.policies:
-                        kinds.append(("predictor_confidence", max(cfg.budgets)))
-                    cost = cfg.predictor_us * 1e-6
-                for policy, budget in kinds:
-                    if policy == "predictor_confidence":
-                        low, high = confidence_thresholds(cfg, timing, lookahead, trace.experts_TLK.shape[2])
-                        plan = confidence_plan(predictions, lookahead, low, high, budget)
-                    else:
-                        plan = topb_plan(predictions, lookahead, budget)
-                    runs.append(PolicyRun(policy, name, eviction, budget, lookahead, plan, issue, cost))
+            for policy, predictor, budget, plan, cost in plans:
+                runs.append(PolicyRun(policy, predictor, eviction, budget, lookahead, plan, issue, cost,
+                                      clairvoyant=policy == "oracle"))  # fmt: skip
     return runs
 
 

@@ -20,13 +20,18 @@ from speculation.predictors.learned import PredictorInputs, build_model
 from speculation.traces import TraceStore
 
 
+def seed_group(run_name: str) -> str:
+    """The group of runs that differ only in their seed: ``transformer-seed2`` -> ``transformer``."""
+    return re.sub(r"-seed\d+$", "", run_name)
+
+
 class TrainedPredictor(Predictor):
     """Runs the model once per evaluation batch (all source layers at once) and serves each layer's slice."""
 
     def __init__(self, model: torch.nn.Module, name: str, max_lookahead: int, sequences_per_forward: int = 64):
         self.model = model.eval()
         self.name = name
-        self.group = re.sub(r"-seed\d+$", "", name)  # runs that differ only in their seed share a group
+        self.group = seed_group(name)
         self.max_lookahead = max_lookahead
         self.sequences_per_forward = sequences_per_forward
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
