@@ -18,7 +18,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from speculation.config import CorpusConfig, CorpusKind
+from speculation.config.collect import CorpusConfig, CorpusKind
 
 SPLITS = ("train", "val", "test")
 

@@ -1,7 +1,7 @@
 """Training losses of the learned routing predictors: one pure function per term, combined in ``combine``.
 
-Shape legend: B sequences, T tokens of the window, L source MoE layers, D lookaheads (index j is lookahead
-d = j + 1), E experts of the target layer l + d.
+Shape legend (docs/glossary.md): B sequences, T tokens of the window, L source MoE layers, D lookaheads (index j is
+lookahead d = j + 1), E experts of the target layer l + d.
 
 Every term is a masked mean: sum over the bool mask / mask.sum().clamp_min(1), computed in float32 whatever the
 input dtype. Masked-out entries are replaced by constants before any arithmetic, so padding (even NaN or inf) never
@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TERMS = ("routing", "confidence", "consistency", "diversity")
-ROUTING_MODES = ("ce", "kl")
+from speculation.config.predictor import LOSS_TERMS, ROUTING_MODES  # the names the config's weights use
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -1,23 +1,26 @@
-"""Figures written by the stages (matplotlib, Agg backend: no display needed)."""
+"""Figures of the stages and notebooks: each function returns a matplotlib Figure, :func:`save_figure` writes it.
+
+Figures are built with ``matplotlib.figure.Figure``, not pyplot: no backend, no display and no global figure state
+are involved, so stages render headless (and in threads) while notebooks show the very same figures inline.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from speculation.io import atomic_path
 
 
-def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], path: Path, title: str = "") -> Path:
+def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], title: str = "") -> Figure:
     """Layers x experts heatmap of the fraction of each layer's tokens sent to each expert."""
     num_layers, num_experts = load_LE.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * num_experts + 2), max(2.5, 0.4 * num_layers + 1.2)))
+    fig = Figure(figsize=(max(4.0, 0.45 * num_experts + 2), max(2.5, 0.4 * num_layers + 1.2)))
+    ax = fig.subplots()
     image = ax.imshow(load_LE, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(load_LE.max()), 1e-9))
     ax.set_xticks(range(num_experts))
     ax.set_yticks(range(num_layers), labels=layer_labels)
@@ -32,21 +35,21 @@ def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], path: Path
                 ax.text(expert, layer, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, label="fraction of tokens")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write to a temporary name and rename, so a killed run never leaves a half-written figure."""
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a killed run never leaves a half-written figure) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip("."))
-    plt.close(fig)
     return path
 
 
-def accuracy_vs_lookahead(aggregate: pd.DataFrame, path: Path, budget: int) -> Path:
+def accuracy_vs_lookahead(aggregate: pd.DataFrame, budget: int) -> Figure:
     """Top-1 accuracy (with its bootstrap CI) and recall@B vs lookahead d, one line per method."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2, sharex=True)
     for method, rows in aggregate.groupby("method", sort=False):
         rows = rows.sort_values("lookahead")
         line = axes[0].plot(rows["lookahead"], rows["top1_acc"], marker="o", label=method)[0]
@@ -63,14 +66,15 @@ def accuracy_vs_lookahead(aggregate: pd.DataFrame, path: Path, budget: int) -> P
         ax.set_xticks(sorted(aggregate["lookahead"].unique()))
     axes[1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def reliability_diagrams(reliability: dict[str, dict], methods: list[str], lookahead: int, path: Path) -> Path:
+def reliability_diagrams(reliability: dict[str, dict], methods: list[str], lookahead: int) -> Figure:
     """Accuracy vs confidence per 15-bin ECE bucket, one panel per method (bar width ~ token share)."""
     columns = min(len(methods), 5)
     rows = int(np.ceil(len(methods) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False)
+    fig = Figure(figsize=(3.0 * columns, 3.0 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     centers = (np.arange(15) + 0.5) / 15
     for ax, method in zip(axes.flat, methods, strict=False):
         bins = reliability.get(f"{method}/d{lookahead}")
@@ -89,10 +93,10 @@ def reliability_diagrams(reliability: dict[str, dict], methods: list[str], looka
     fig.supylabel("top-1 accuracy")
     fig.suptitle(f"reliability at lookahead d = {lookahead}")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def layer_accuracy_heatmap(per_layer: pd.DataFrame, lookahead: int, path: Path) -> Path:
+def layer_accuracy_heatmap(per_layer: pd.DataFrame, lookahead: int) -> Figure:
     """Methods x source layer top-1 accuracy at one lookahead."""
     table = per_layer[per_layer["lookahead"] == lookahead].pivot(
         index="method", columns="source_layer", values="top1_acc"
@@ -100,7 +104,8 @@ def layer_accuracy_heatmap(per_layer: pd.DataFrame, lookahead: int, path: Path) 
     order = list(dict.fromkeys(per_layer["method"]))
     table = table.reindex([m for m in order if m in table.index])
     table = table[sorted(table.columns, key=lambda name: int(str(name).split(".")[-1]))]
-    fig, ax = plt.subplots(figsize=(1.1 * len(table.columns) + 3, 0.45 * len(table) + 1.5))
+    fig = Figure(figsize=(1.1 * len(table.columns) + 3, 0.45 * len(table) + 1.5))
+    ax = fig.subplots()
     image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(table.columns)), labels=table.columns, rotation=30, ha="right")
     ax.set_yticks(range(len(table)), labels=table.index)
@@ -113,7 +118,7 @@ def layer_accuracy_heatmap(per_layer: pd.DataFrame, lookahead: int, path: Path) 
     ax.set_title(f"top-1 accuracy for layer l + {lookahead}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _policy_label(row: pd.Series) -> str:
@@ -121,13 +126,14 @@ def _policy_label(row: pd.Series) -> str:
     return " / ".join(parts) + (f" B={row['budget']}" if row["lookahead"] > 0 else "")
 
 
-def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int, path: Path) -> Path:
+def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int) -> Figure:
     """Compute vs stall per token for every policy (LRU eviction) at one cache size and lookahead."""
     rows = table[
         (table["cache_fraction"] == fraction) & (table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])
     ]
     labels = [_policy_label(row) for _, row in rows.iterrows()]
-    fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.6))
+    fig = Figure(figsize=(8, 0.38 * len(rows) + 1.6))
+    ax = fig.subplots()
     y = np.arange(len(rows))
     ax.barh(y, rows["compute_ms"], color="tab:blue", label="compute")
     ax.barh(y, rows["stall_ms"], left=rows["compute_ms"], color="tab:red", label="stall on expert copies")
@@ -138,15 +144,16 @@ def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int, path
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def cache_sweep(table: pd.DataFrame, lookahead: int, path: Path) -> Path:
+def cache_sweep(table: pd.DataFrame, lookahead: int) -> Figure:
     """ms/token and hit rate vs cache fraction, one line per policy (LRU eviction, largest budget shown once)."""
     rows = table[(table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
+    fig = Figure(figsize=(12, 4.4))
+    axes = fig.subplots(1, 2, sharex=True)
     groups = list(rows.groupby(rows.apply(_policy_label, axis=1), sort=False))
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(groups), 2)))
+    colors = matplotlib.colormaps["tab20"](np.linspace(0, 1, max(len(groups), 2)))
     for (label, line), color in zip(groups, colors, strict=True):
         line = line.sort_values("cache_fraction")
         # references (on-demand, oracle) dashed, the fixed budgets above one expert dotted
@@ -163,4 +170,4 @@ def cache_sweep(table: pd.DataFrame, lookahead: int, path: Path) -> Path:
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"prefetch policies vs cache size (lookahead {lookahead}, LRU eviction)")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig

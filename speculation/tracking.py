@@ -1,16 +1,23 @@
 """Weights & Biases tracking: offline by default, a no-op with ``logger=none``.
 
 Every stage opens one run with a readable ``name``, ``group`` (the experiment or sweep), ``job_type`` (the stage)
-and ``tags``, and writes it under ``workdir/wandb`` so ``wandb sync`` can upload it later.
+and ``tags``, and writes it under ``Workdir.wandb`` so ``wandb sync`` can upload it later. Only this module imports
+wandb: the stages log numbers, tables and figures through :class:`Tracker`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from speculation.config import LoggerBackend, LoggerConfig
+import pandas as pd
+
+from speculation.config.logger import LoggerBackend, LoggerConfig
+from speculation.workdir import Workdir
 
 
 class Tracker:
@@ -37,6 +44,18 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path))})
 
+    def log_images(self, prefix: str, paths: Mapping[str, Path]) -> None:
+        """Every PNG of ``paths`` under ``<prefix>/<name>``."""
+        for name, path in paths.items():
+            if Path(path).suffix == ".png":
+                self.log_image(f"{prefix}/{name}", Path(path))
+
+    def log_table(self, key: str, frame: pd.DataFrame) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(dataframe=frame)})
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
@@ -44,30 +63,33 @@ class Tracker:
 
 
 def start_run(
-    cfg: LoggerConfig,
-    workdir: Path,
+    stage_cfg: Any,
     job_type: str,
     name: str,
-    config: dict[str, Any],
-    default_group: str,
     tags: list[str] | None = None,
 ) -> Tracker:
-    """Open a W&B run (or a disabled tracker). ``WANDB_MODE=disabled`` in the environment also turns it off."""
+    """Open a W&B run for a stage (or a disabled tracker) from its config dataclass: its ``logger`` section, its
+    ``workdir``, its ``experiment_name`` (the default group) and the whole config as the run's config.
+
+    ``WANDB_MODE=disabled`` in the environment also turns it off.
+    """
+    cfg: LoggerConfig = stage_cfg.logger
     if cfg.backend == LoggerBackend.none or cfg.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
         return Tracker()
     import wandb
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Workdir(stage_cfg.workdir)
+    workdir.root.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=cfg.project,
         entity=cfg.entity,
         mode=cfg.mode,
-        dir=str(workdir),
-        group=cfg.group or default_group,
+        dir=str(workdir.root),  # wandb makes its wandb/ folder here: Workdir.wandb
+        group=cfg.group or stage_cfg.experiment_name,
         job_type=job_type,
         name=name,
         tags=sorted({*cfg.tags, *(tags or [])}),
-        config=config,
+        config=json.loads(json.dumps(dataclasses.asdict(stage_cfg), default=str)),
         reinit="finish_previous",
     )
     return Tracker(run)

@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import CONF_DIR
 
-from speculation.cache import calibrate, kernel
-from speculation.cache.config import HardwareConfig, TargetConfig
-from speculation.cache.engine import PrefetchEngine, Schedule, require_cuda
-from speculation.cache.plans import issue_layers, oracle_plan
-from speculation.cache.simulation import PolicyRun
-from speculation.cache.validate import comparison_row
+from speculation.cache import calibrate
+from speculation.cache.engine import PrefetchEngine, require_cuda
+from speculation.cache.kernel import PolicyRun
+from speculation.cache.plans import ReplayTrace, issue_layers, oracle_plan
+from speculation.cache.timing import TimingModel
+from speculation.cache.validate import comparison_row, simulate_recorded
+from speculation.config.simulate import HardwareConfig, TargetConfig
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
 
@@ -39,7 +40,6 @@ def test_every_shipped_profile_loads_and_round_trips(path: Path, tmp_path):
 
 def test_a_measured_profile_changes_the_link_model():
     measured = HardwareConfig(name="mine", h2d_pinned_gbs=24.0, h2d_under_compute_gbs=12.0)
-    from speculation.cache.timing import TimingModel
 
     plain = TimingModel.from_profiles(HardwareConfig(), TargetConfig())
     slower = TimingModel.from_profiles(measured, TargetConfig())
@@ -70,13 +70,12 @@ def test_without_cuda_the_engine_and_calibration_say_so_once(capsys):
 
 
 def recorded_schedule(eviction: str = "lru") -> tuple:
+    """What spec-validate-engine hands the engine: the simulator's recorded schedule of an oracle run."""
     rng = np.random.default_rng(0)
     experts = rng.integers(0, 4, size=(50, 3, 1)).astype(np.int32)
-    token_s, counters, copies, slot_TLK = kernel.simulate(
-        experts, oracle_plan(experts), issue_layers(3, 1), 4, 6, kernel.EVICTION_CODES[eviction], 4e-4, 1e-4, 2e-5,
-        5e-5, 0.0, True,
-    )  # fmt: skip
-    return token_s, counters, Schedule(experts, copies, slot_TLK, 6)
+    run = PolicyRun("oracle", "", eviction, 1, 1, oracle_plan(experts), issue_layers(3, 1), 0.0, clairvoyant=True)
+    timing = TimingModel(copy_s=4e-4, expert_s=2e-5, non_expert_s=1e-4, head_s=5e-5, expert_bytes=1)
+    return simulate_recorded(ReplayTrace(experts, 4, {}), run, 6, timing)
 
 
 def test_the_schedule_groups_copies_by_layer_and_the_table_compares_like_with_like():
@@ -89,7 +88,7 @@ def test_the_schedule_groups_copies_by_layer_and_the_table_compares_like_with_li
     engine_s = token_s[8:] * 1.1  # an engine 10 % slower on the tokens after its warm-up
     row = comparison_row(run, 0.5, token_s, engine_s, counters, schedule)
     assert row["tokens"] == 42 and row["engine_over_sim"] == pytest.approx(1.1)
-    assert row["counts_identical"] and row["engine_demand_copies"] == counters[2]
+    assert row["counts_identical"] and row["engine_demand_copies"] == counters.misses
 
 
 @pytest.mark.gpu

@@ -28,10 +28,11 @@ from speculation.predictors import (
     RandomPredictor,
     TraceBatch,
 )
-from speculation.traces import TraceStore
-from speculation.tracing.adapters import find_adapter
-from speculation.tracing.collection import ROUTER_WEIGHTS_FILE, save_router_weights
+from speculation.traces import Manifest, TraceStore
+from speculation.tracing.collection import save_router_weights
 from speculation.tracing.recorder import RoutingRecorder
+from speculation.tracing.registry import find_adapter
+from speculation.workdir import ROUTER_WEIGHTS_FILE
 
 
 def previous_rows(seq_N: np.ndarray) -> np.ndarray:
@@ -210,7 +211,7 @@ def linear_gate_lookahead(family: str, score: str) -> GateLookaheadPredictor:
     labels = [f"decoder.{i}" for i in range(NUM_LAYERS)]
     tensors = {f"{label}.weight": torch.randn(NUM_EXPERTS, HIDDEN, generator=generator) for label in labels}
     tensors |= {f"{label}.e_score_correction_bias": torch.ones(NUM_EXPERTS) for label in labels}
-    return GateLookaheadPredictor.from_parts(family, labels, tensors, {"num_experts": NUM_EXPERTS, "score": score})
+    return GateLookaheadPredictor.from_parts(family, labels, tensors, NUM_EXPERTS, score)
 
 
 CAUSAL: dict[str, Callable[[], Predictor]] = {
@@ -325,7 +326,7 @@ def traced_switch_lm(router_cfg: RouterConfig, tmp_path) -> tuple[SwitchLM, Trac
         },
         "router_weights": {"file": ROUTER_WEIGHTS_FILE, "format": adapter.family},
     }
-    store = TraceStore(tmp_path, json.loads(json.dumps(manifest)))  # as the manifest file would give it back
+    store = TraceStore(tmp_path, Manifest.from_dict(json.loads(json.dumps(manifest))))  # as read from its file
     probs = torch.softmax(torch.from_numpy(arrays["logits"]), -1).numpy()
     seq, pos = np.repeat(np.arange(3), 12), np.tile(np.arange(12), 3)
     hidden, logits = arrays["hidden"], arrays["logits"]
@@ -381,10 +382,10 @@ def test_gate_lookahead_hf_families_use_their_score_and_ignore_the_correction_bi
         "switch_transformers",
         ["decoder.1"],
         {"decoder.1.classifier.weight": torch.eye(3, 2), "decoder.1.classifier.bias": torch.tensor([0.0, 0.0, 1.0])},
-        {"num_experts": 3, "score": "softmax"},
+        num_experts=3,
     )
     one_layer = make_batch([[[0]]], [[[1.0]]], [[[0.2, 0.3, 0.5]]], [0], [0], np.array([[[2.0, 0.0]]]), [0])
     expected = np.exp([2.0, 0.0, 1.0]) / np.exp([2.0, 0.0, 1.0]).sum()
     np.testing.assert_allclose(switch.predict(one_layer, 0, [0]).probs_NDE[0, 0], expected, atol=1e-6)
     with pytest.raises(ValueError, match="supported"):
-        GateLookaheadPredictor.from_parts("llama", ["decoder.0"], {}, {"num_experts": 3})
+        GateLookaheadPredictor.from_parts("llama", ["decoder.0"], {}, num_experts=3)

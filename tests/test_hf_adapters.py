@@ -19,8 +19,8 @@ import torch
 from hf_tiny import FAMILIES, build_tiny, save_tiny
 from torch import nn
 
-from speculation.tracing.adapters import ADAPTERS, find_adapter
 from speculation.tracing.recorder import RoutingRecorder
+from speculation.tracing.registry import ADAPTERS, find_adapter
 
 BATCH, TIME = 2, 16
 TOPK_FAMILIES = [f for f in FAMILIES if f != "switch_transformers"]

@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speculation.config import PredictorConfig, PredictorKind
+from speculation.config.predictor import PredictorConfig, PredictorKind
 from speculation.predictors.learned import (
-    MODEL_KINDS,
     HierarchicalModel,
-    LearnedConfig,
     PredictorInputs,
     PredictorOutputs,
     TransformerModel,
@@ -23,13 +21,14 @@ from speculation.predictors.learned import (
 )
 
 B, T, L, E, H, D = 2, 6, 4, 5, 8, 2
+MODEL_KINDS = [str(kind) for kind in PredictorKind]
 
 
-def tiny_config(kind: str, **overrides) -> LearnedConfig:
+def tiny_config(kind: str, **overrides) -> PredictorConfig:
     fields = dict(
         d_model=16, max_lookahead=D, context_layers=2, num_heads=2, num_blocks=2, dropout=0.0, max_positions=16
     )
-    return LearnedConfig(kind=kind, **{**fields, **overrides})
+    return PredictorConfig(kind=kind, **{**fields, **overrides})
 
 
 def tiny_model(kind: str, **overrides) -> nn.Module:
@@ -101,7 +100,7 @@ def test_output_shapes_and_ranges(kind: str) -> None:
 
 def test_default_models_are_small() -> None:
     for kind in MODEL_KINDS:
-        num_params = sum(p.numel() for p in build_model(6, 8, 128, LearnedConfig(kind=kind)).parameters())
+        num_params = sum(p.numel() for p in build_model(6, 8, 128, PredictorConfig(kind=kind)).parameters())
         assert 50_000 <= num_params <= 200_000, (kind, num_params)
 
 

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from speculation.config import ModelConfig, RouterConfig
 from speculation.models.switch_lm import SwitchLM
-from speculation.tracing.adapters import ADAPTERS, find_adapter
 from speculation.tracing.recorder import RoutingRecorder
+from speculation.tracing.registry import ADAPTERS, find_adapter
 
 TINY = ModelConfig(vocab_size=64, d_model=16, num_layers=6, num_heads=2, d_ff=32, num_experts=4, max_seq_len=32)
 

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from speculation.config import ModelConfig, RouterConfig, SourceTrainConfig
 from speculation.models import source
-from speculation.models.source import lr_at, pack_documents, sample_batch, source_identity, train_or_load
+from speculation.models.source import pack_documents, sample_batch, source_identity, train_or_load
 from speculation.tokenizer import EOS_ID
 from speculation.tracking import Tracker
+from speculation.trainer import lr_at
 
 MODEL = ModelConfig(vocab_size=48, d_model=16, num_layers=4, num_heads=2, d_ff=32, num_experts=4, max_seq_len=32)
 TRAIN = SourceTrainConfig(

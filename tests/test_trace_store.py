@@ -64,8 +64,8 @@ def test_round_trip(store_dir):
     assert store.splits == ["train", "valid"]
     assert (store.num_experts, store.max_experts_per_token) == (E, K)
     assert store.layer_names == ROUTING["layers"]
-    assert store.manifest["schema_version"] == SCHEMA_VERSION
-    assert json.loads((root / "manifest.json").read_text()) == store.manifest
+    assert store.manifest.raw["schema_version"] == SCHEMA_VERSION
+    assert json.loads((root / "manifest.json").read_text()) == store.manifest.raw
 
     for name, shards in written.items():
         split = store.split(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import statistics
 from collections.abc import Callable
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from speculation.cache.config import HardwareConfig, TargetConfig
 from speculation.cache.engine import require_cuda
 from speculation.config import CONF_DIR
-from speculation.io import atomic_write_text
+from speculation.config.simulate import HardwareConfig, TargetConfig
+from speculation.io import atomic_write_json, atomic_write_text
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(1, f"spec-calibrate: {error}\n")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     path = write_profile(profile, args.out, f"measured by spec-calibrate on {raw['device']}, {stamp}")
-    (args.out / f"{args.name}.raw.json").write_text(json.dumps(raw, indent=2))  # the measurements behind it
+    atomic_write_json(args.out / f"{args.name}.raw.json", raw)  # the measurements behind it
     print(f"wrote {path}: {profile}")
 
 

@@ -1,6 +1,6 @@
 """The real prefetch engine (CUDA): the simulator's schedule executed with real copies and real expert FFNs.
 
-The cache decisions are not re-implemented here: :func:`speculation.cache.kernel.simulate` with ``record=True``
+The cache decisions are not re-implemented here: :func:`speculation.cache.kernel.replay` with ``record=True``
 emits every copy (clock position, demand or prefetch, expert, GPU slot) and the slot every access reads, and the
 engine executes exactly that, so hit/miss/prefetch counts are identical by construction and only time differs.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from speculation.cache.config import TargetConfig
+from speculation.config.simulate import TargetConfig
 
 
 def require_cuda() -> torch.device:
@@ -37,7 +37,7 @@ def require_cuda() -> torch.device:
 
 @dataclass
 class Schedule:
-    """What the engine executes, from ``kernel.simulate(..., record=True)``."""
+    """What the engine executes, from ``kernel.replay(..., record=True)``."""
 
     experts_TLK: np.ndarray  # the replayed routing (-1: unused slot)
     copies: np.ndarray  # [n, 4] clock position, kind (0 demand, 1 prefetch), layer · E + expert, GPU slot

@@ -15,16 +15,94 @@ cache is full the eviction rule picks a victim among resident experts the curren
 copied into may be chosen as a victim: the link is FIFO, so the new copy cannot start before the old one ended.
 Belady evicts the expert used farthest in the future and, knowing the future, skips a prefetch that would evict an
 expert needed sooner than the prefetched one (the offline optimum's bypass).
+
+Shape legend (docs/glossary.md): T replayed tokens, L MoE layers, K expert slots, R experts per prefetch.
+
+:func:`replay` is the entry point: it takes a :class:`PolicyRun` (what to prefetch and how to evict) and returns
+a :class:`Replay`; :func:`simulate` is the compiled loop behind it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit
 
+from speculation.cache.timing import TimingModel
+from speculation.config.simulate import EVICTIONS
+
 LRU, LFU, BELADY, PREDICTED = 0, 1, 2, 3
-EVICTION_CODES = {"lru": LRU, "lfu": LFU, "belady": BELADY, "predicted": PREDICTED}
+EVICTION_CODES = {name: code for code, name in enumerate(EVICTIONS)}  # the codes above, by sim.evictions name
+assert EVICTION_CODES == {"lru": LRU, "lfu": LFU, "belady": BELADY, "predicted": PREDICTED}
 NEVER = np.iinfo(np.int64).max  # the next use of an expert that is never used again
+
+
+@dataclass
+class PolicyRun:
+    """One replay's description: a prefetch plan under one eviction rule."""
+
+    policy: str
+    predictor: str  # the method whose predictions drive the plan ("" for on_demand and oracle)
+    eviction: str
+    budget: int  # experts prefetched per target layer (0: none; the maximum for the confidence policy)
+    lookahead: int  # 0: no prefetch
+    plan_TLR: np.ndarray  # experts to prefetch for token t's layer m (-1: none)
+    issue_layer_L: np.ndarray  # the layer of the same token at which layer m's prefetch is issued (-1: never)
+    predictor_s: float  # the predictor's latency, which delays the copies it issues
+    clairvoyant: bool = False  # the oracle: knows the future, so never prefetches at the cost of a sooner use
+
+
+@dataclass
+class Counters:
+    hits: int  # accesses whose expert was resident and had arrived
+    late: int  # resident but still in flight: the layer waited for it
+    misses: int  # copied on demand
+    prefetches: int  # copies issued ahead of use
+    wasted: int  # prefetched experts evicted (or left at the end) without a use
+    stall_s: float  # time the GPU waited for copies
+    compute_s: float  # time the GPU computed
+
+
+@dataclass
+class Replay:
+    token_s: np.ndarray  # [T] seconds per token
+    counters: Counters
+    copies: np.ndarray  # with record: [n, 4] (clock position, 0 demand / 1 prefetch, layer · E + expert, slot)
+    slot_TLK: np.ndarray  # with record: the GPU slot each access reads (-1: none)
+
+
+def replay(
+    *,
+    experts_TLK: np.ndarray,
+    num_experts: int,
+    run: PolicyRun,
+    capacity: int,
+    timing: TimingModel,
+    record: bool = False,
+) -> Replay:
+    """Replay ``experts_TLK`` (-1 = unused slot) under ``run`` with a cache of ``capacity`` expert slots."""
+    assert capacity >= experts_TLK.shape[2], "the rules (speculation.config.rules) keep a layer's experts in the cache"
+    token_s, counters, copies, slot_TLK = simulate(
+        experts_TLK,
+        np.ascontiguousarray(run.plan_TLR, dtype=np.int32),
+        run.issue_layer_L,
+        num_experts,
+        capacity,
+        EVICTION_CODES[run.eviction],
+        timing.copy_s,
+        timing.non_expert_s,
+        timing.expert_s,
+        timing.head_s,
+        run.predictor_s,
+        record,
+        run.clairvoyant,
+    )
+    hits, late, misses, prefetches, wasted, stall_s, compute_s = counters
+    return Replay(
+        token_s, Counters(int(hits), int(late), int(misses), int(prefetches), int(wasted), stall_s, compute_s),
+        copies, slot_TLK,
+    )  # fmt: skip
 
 
 @njit(cache=True)
@@ -97,7 +175,7 @@ def _place(s, victim, occupied, resident, unused, slot_of) -> tuple[int, int]:
 @njit(cache=True)
 def simulate(
     experts_TLK: np.ndarray,
-    plan_TLB: np.ndarray,
+    plan_TLR: np.ndarray,
     issue_layer_L: np.ndarray,
     num_experts: int,
     capacity: int,
@@ -110,7 +188,7 @@ def simulate(
     record: bool = False,
     clairvoyant: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Replay ``experts_TLK`` (-1 = unused slot) with prefetch plan ``plan_TLB`` (experts to prefetch for token t's
+    """Replay ``experts_TLK`` (-1 = unused slot) with prefetch plan ``plan_TLR`` (experts to prefetch for token t's
     layer m, issued at layer ``issue_layer_L[m]`` of the same token; -1 = none).
 
     Returns the per-token latency [T] (seconds), counters ``[hits, late, misses, prefetches, wasted, stall_s,
@@ -122,7 +200,7 @@ def simulate(
     eviction rule, as Belady always does: knowing the future, it never trades a sooner use for a later one.
     """
     num_tokens, num_layers, slots = experts_TLK.shape
-    budget = plan_TLB.shape[2]
+    budget = plan_TLR.shape[2]
     size = num_layers * num_experts
     resident = np.zeros(size, dtype=np.bool_)
     arrival = np.zeros(size, dtype=np.float64)
@@ -193,7 +271,7 @@ def simulate(
                     if issue_layer_L[target] != layer:
                         continue
                     for b in range(budget):
-                        expert = plan_TLB[t, target, b]
+                        expert = plan_TLR[t, target, b]
                         if expert < 0:
                             continue
                         s = target * num_experts + expert

@@ -1,11 +1,12 @@
 """Prefetch plans: which experts each policy copies ahead, for which layer, issued at which layer.
 
-A plan is ``plan_TLB[t, m, b]``: the b-th expert to prefetch for token t's MoE layer m (-1: none), with
+A plan is ``plan_TLR[t, m, r]``: the r-th expert to prefetch for token t's MoE layer m (-1: none), with
 ``issue_layer_L[m]``: the layer of the same token at which those copies are issued. With lookahead d every target
 layer m >= 1 is prefetched once, as early as the lookahead allows: from layer m - d, or from layer 0 for m < d
 (using lookahead m there). Layer 0 cannot be predicted by the token itself and is always fetched on demand.
 
-Shape legend: T tokens, L MoE layers, K expert slots, D lookaheads, B experts per prefetch.
+Shape legend (docs/glossary.md): T replayed tokens, L MoE layers, K expert slots, D lookaheads, R ranked experts
+(the most a prefetch may copy per target layer).
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from speculation.evaluation.data import load_batch, sequence_blocks
 from speculation.predictors.base import Predictor
 from speculation.traces import TraceStore
+from speculation.traces.batches import first_rows, load_batch
 
 
 @dataclass
 class RankedPredictions:
     """A predictor's ranked experts and confidence for every (token, source layer, lookahead)."""
 
-    ranked_TLDB: np.ndarray  # int16 experts in decreasing predicted probability; -1 where not predicted
+    ranked_TLDR: np.ndarray  # int16 experts in decreasing predicted probability; -1 where not predicted
     confidence_TLD: np.ndarray  # float32; NaN where not predicted
 
     @property
@@ -58,19 +59,19 @@ def no_plan(experts_TLK: np.ndarray) -> np.ndarray:
 
 
 def _due(predictions: RankedPredictions, lookahead: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ranked experts [T, L, B] and confidence [T, L] of the prediction each target layer uses."""
-    num_tokens, num_layers = predictions.ranked_TLDB.shape[:2]
-    ranked = np.full((num_tokens, num_layers, predictions.ranked_TLDB.shape[3]), -1, dtype=np.int32)
+    """Ranked experts [T, L, R] and confidence [T, L] of the prediction each target layer uses."""
+    num_tokens, num_layers = predictions.ranked_TLDR.shape[:2]
+    ranked = np.full((num_tokens, num_layers, predictions.ranked_TLDR.shape[3]), -1, dtype=np.int32)
     confidence = np.zeros((num_tokens, num_layers), dtype=np.float32)
     for target, source in enumerate(issue_layers(num_layers, lookahead)):
         if source < 0:
             continue
         d = target - source
-        if d > predictions.ranked_TLDB.shape[2]:
+        if d > predictions.ranked_TLDR.shape[2]:
             raise ValueError(
                 f"lookahead {d} was not predicted (the predictions reach d <= {predictions.max_lookahead})"
             )
-        ranked[:, target] = predictions.ranked_TLDB[:, source, d - 1]
+        ranked[:, target] = predictions.ranked_TLDR[:, source, d - 1]
         confidence[:, target] = predictions.confidence_TLD[:, source, d - 1]
     return ranked, confidence
 
@@ -90,11 +91,6 @@ def confidence_plan(predictions: RankedPredictions, lookahead: int, low: float, 
     return plan
 
 
-def replay_rows(store: TraceStore, split: str, max_tokens: int) -> slice:
-    """The first whole sequences of ``split`` holding about ``max_tokens`` tokens."""
-    return sequence_blocks(store.split(split).array("seq"), max_tokens)[0]
-
-
 def rank_predictions(
     store: TraceStore,
     split: str,
@@ -103,20 +99,19 @@ def rank_predictions(
     max_lookahead: int,
     max_budget: int,
 ) -> ReplayTrace:
-    """Run every predictor causally on the replayed tokens and keep its ``max_budget`` best experts per entry."""
-    rows = replay_rows(store, split, max_tokens)
-    score = store.manifest["routing"].get("score", "softmax")
-    hidden_layers = list(store.manifest.get("hidden", {}).get("layers", []))
-    batch = load_batch(store.split(split), rows, score, hidden_layers)
+    """Run every predictor causally on the replayed tokens and keep its ``max_budget`` best experts per entry.
+
+    ``max_lookahead`` leaves a target layer (``speculation.config.rules`` checked it at start).
+    """
+    batch = load_batch(store, split, first_rows(store, split, max_tokens))
     num_tokens, num_layers = batch.experts_NLK.shape[:2]
-    depth = min(max_lookahead, num_layers - 1)
+    assert max_lookahead < num_layers, f"lookahead {max_lookahead} leaves the traces' {num_layers} MoE layers"
     predictions = {}
     for predictor in tqdm(predictors, desc="rank predictions", unit="method"):
-        ranked = np.full((num_tokens, num_layers, depth, max_budget), -1, dtype=np.int16)
-        confidence = np.full((num_tokens, num_layers, depth), np.nan, dtype=np.float32)
-        reach = min(depth, predictor.max_lookahead or depth)
+        ranked = np.full((num_tokens, num_layers, max_lookahead, max_budget), -1, dtype=np.int16)
+        confidence = np.full((num_tokens, num_layers, max_lookahead), np.nan, dtype=np.float32)
         for layer in range(num_layers - 1):
-            asked = [d for d in range(1, reach + 1) if layer + d < num_layers]
+            asked = predictor.lookaheads_at(layer, num_layers, max_lookahead)
             if not asked:
                 continue
             prediction = predictor.predict(batch, layer, asked)

@@ -14,65 +14,27 @@ experts that later tokens need.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from speculation.cache import kernel
-from speculation.cache.config import SimConfig
+from speculation.cache.kernel import PolicyRun, replay
 from speculation.cache.plans import ReplayTrace, confidence_plan, issue_layers, no_plan, oracle_plan, topb_plan
 from speculation.cache.timing import TimingModel
+from speculation.config.rules import cache_slots
+from speculation.config.simulate import SimConfig
 
 
-@dataclass
-class PolicyRun:
-    """One replay: a plan under one eviction rule and cache size."""
-
-    policy: str
-    predictor: str  # the method whose predictions drive the plan ("" for on_demand and oracle)
-    eviction: str
-    budget: int  # experts prefetched per target layer (0: none; the maximum for the confidence policy)
-    lookahead: int  # 0: no prefetch
-    plan_TLB: np.ndarray
-    issue_layer_L: np.ndarray
-    predictor_s: float
-    clairvoyant: bool = False  # the oracle: knows the future, so never prefetches at the cost of a sooner use
-
-
-def capacity_for(fraction: float, num_layers: int, num_experts: int, slots: int) -> int:
-    """GPU expert slots for a cache holding ``fraction`` of all experts; one clear error if a layer cannot run."""
-    capacity = round(fraction * num_layers * num_experts)
-    if capacity < slots:
-        raise ValueError(
-            f"sim.cache_fractions has {fraction}: {capacity} expert slots of {num_layers * num_experts}, fewer than "
-            f"the {slots} experts one token uses per layer; raise the fraction to at least "
-            f"{slots / (num_layers * num_experts):.3f}."
-        )
-    return capacity
-
-
-def replay(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingModel) -> dict:
+def replay_row(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingModel) -> dict:
     """Simulate one run; its per-token figures (the simulation.csv columns that do not need other rows)."""
-    token_s, counters, _, _ = kernel.simulate(
-        trace.experts_TLK,
-        np.ascontiguousarray(run.plan_TLB, dtype=np.int32),
-        run.issue_layer_L,
-        trace.num_experts,
-        capacity,
-        kernel.EVICTION_CODES[run.eviction],
-        timing.copy_s,
-        timing.non_expert_s,
-        timing.expert_s,
-        timing.head_s,
-        run.predictor_s,
-        False,
-        run.clairvoyant,
+    result = replay(
+        experts_TLK=trace.experts_TLK, num_experts=trace.num_experts, run=run, capacity=capacity, timing=timing
     )
-    hits, late, misses, prefetches, wasted, stall_s, compute_s = counters
-    tokens = len(token_s)
-    accesses = hits + late + misses
+    counted = result.counters
+    tokens = len(result.token_s)
+    accesses = counted.hits + counted.late + counted.misses
+    loads = counted.misses + counted.prefetches
     return {
         "policy": run.policy,
         "predictor": run.predictor,
@@ -81,16 +43,16 @@ def replay(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingMode
         "lookahead": run.lookahead,
         "capacity": capacity,
         "tokens": tokens,
-        "ms_per_token": 1e3 * token_s.mean(),
-        "compute_ms": 1e3 * compute_s / tokens,
-        "stall_ms": 1e3 * stall_s / tokens,
-        "hit_rate": hits / accesses,
-        "late_rate": late / accesses,
-        "miss_rate": misses / accesses,
-        "prefetches_per_token": prefetches / tokens,
-        "loads_per_token": (misses + prefetches) / tokens,
-        "bytes_moved": (misses + prefetches) * timing.expert_bytes / tokens,
-        "wasted_bytes": wasted * timing.expert_bytes / tokens,
+        "ms_per_token": 1e3 * result.token_s.mean(),
+        "compute_ms": 1e3 * counted.compute_s / tokens,
+        "stall_ms": 1e3 * counted.stall_s / tokens,
+        "hit_rate": counted.hits / accesses,
+        "late_rate": counted.late / accesses,
+        "miss_rate": counted.misses / accesses,
+        "prefetches_per_token": counted.prefetches / tokens,
+        "loads_per_token": loads / tokens,
+        "bytes_moved": loads * timing.expert_bytes / tokens,
+        "wasted_bytes": counted.wasted * timing.expert_bytes / tokens,
     }
 
 
@@ -152,20 +114,17 @@ def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_
 def simulate_sweep(
     trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_s: float, labels: dict[str, str]
 ) -> tuple[pd.DataFrame, dict]:
-    """simulation.csv as a DataFrame (``labels``: hardware and target names) and the sweep's own statistics."""
-    num_tokens, num_layers, slots = trace.experts_TLK.shape
-    too_far = [d for d in cfg.lookaheads if d >= num_layers]
-    if too_far:
-        raise ValueError(
-            f"sim.lookaheads has {too_far} but the traces have {num_layers} MoE layers: a prefetch can be issued at "
-            f"most {num_layers - 1} layers ahead; drop those lookaheads."
-        )
+    """simulation.csv as a DataFrame (``labels``: hardware and target names) and the sweep's own statistics.
+
+    ``cfg`` fits the traces: ``speculation.config.rules`` checked it when the stage started.
+    """
+    num_tokens, num_layers, _ = trace.experts_TLK.shape
     runs = policy_runs(trace, cfg, timing, launch_s)
     rows, events, started = [], 0, time.perf_counter()
     for fraction in tqdm(cfg.cache_fractions, desc="simulate", unit="cache size"):
-        capacity = capacity_for(fraction, num_layers, trace.num_experts, slots)
+        capacity = cache_slots(fraction, num_layers, trace.num_experts)
         for run in runs:
-            rows.append({**labels, "cache_fraction": fraction, **replay(trace, run, capacity, timing)})
+            rows.append({**labels, "cache_fraction": fraction, **replay_row(trace, run, capacity, timing)})
             events += num_tokens * num_layers
     seconds = time.perf_counter() - started
     frame = _relative_columns(pd.DataFrame(rows), timing)

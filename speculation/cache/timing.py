@@ -1,4 +1,4 @@
-"""The simulator's timing model, all in one place so that the real engine (issue #7) can calibrate it.
+"""The simulator's timing model, all in one place so that the real engine (``spec-calibrate``) can calibrate it.
 
 Batch-1 decode: every kernel reads its weights once, so a kernel's time is the roofline
 ``max(flops / peak, bytes / memory bandwidth)`` plus its launch; a host-to-device copy costs
@@ -10,7 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from speculation.cache.config import HardwareConfig, TargetConfig
+from speculation.config.simulate import HardwareConfig, TargetConfig
+from speculation.traces.manifest import Manifest
+
+
+def resolve_target(target: TargetConfig, manifest: Manifest) -> TargetConfig:
+    """``target`` itself, or for ``target=traced`` the traced model's own sizes (the dense-work fields keep
+    ``target``'s values)."""
+    if target.name != "traced":
+        return target
+    geometry = manifest.geometry
+    d_model = int(geometry["d_model"])
+    return TargetConfig(
+        name=manifest.model_name,
+        d_model=d_model,
+        d_ff=int(geometry["d_ff"]),
+        expert_matrices=target.expert_matrices,
+        bytes_per_param=target.bytes_per_param,
+        blocks_per_moe_layer=target.blocks_per_moe_layer,
+        attention_params=4 * d_model * d_model,
+        dense_d_ff=int(geometry["d_ff"]) if target.dense_d_ff else 0,
+        kernels_per_block=target.kernels_per_block,
+        vocab_size=int(geometry.get("vocab_size") or target.vocab_size),  # the LM head the traced model reads
+        num_experts=int(geometry["num_experts"]),
+    )
 
 
 @dataclass(frozen=True)

@@ -5,45 +5,45 @@
 
 Every policy and cache fraction of ``sim`` runs once in each; both execute one schedule (the simulator's recorded
 copies), so hit / miss / prefetch counts agree by construction and the table compares per-token latency. Writes
-``eval/engine_validation.csv`` under the workdir.
+``eval/engine_validation.csv`` under the workdir (``Workdir.eval()``).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from speculation.cache import kernel
 from speculation.cache.engine import PrefetchEngine, Schedule, require_cuda
+from speculation.cache.kernel import Counters, PolicyRun, replay
 from speculation.cache.plans import ReplayTrace, rank_predictions
-from speculation.cache.report import resolve_target
-from speculation.cache.simulation import PolicyRun, capacity_for, policy_runs
-from speculation.cache.timing import TimingModel
-from speculation.config import CONF_DIR, EvaluateConfig, to_object
-from speculation.evaluation.loading import build_heuristics, load_trained_predictors
+from speculation.cache.simulation import policy_runs
+from speculation.cache.timing import TimingModel, resolve_target
+from speculation.config import CONF_DIR, to_object
+from speculation.config.rules import Geometry, cache_slots, check_evaluation
+from speculation.config.stages import EvaluateConfig
 from speculation.io import atomic_path
+from speculation.predictors.loading import build_heuristics, load_trained_predictors
 from speculation.traces import TraceStore
+from speculation.workdir import ENGINE_VALIDATION_CSV, Workdir
 
 log = logging.getLogger(__name__)
 
 
 def simulate_recorded(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingModel) -> tuple:
     """The simulator's per-token seconds and counters, and the schedule the engine executes."""
-    token_s, counters, copies, slot_TLK = kernel.simulate(
-        trace.experts_TLK, np.ascontiguousarray(run.plan_TLB, dtype=np.int32), run.issue_layer_L, trace.num_experts,
-        capacity, kernel.EVICTION_CODES[run.eviction], timing.copy_s, timing.non_expert_s, timing.expert_s,
-        timing.head_s, run.predictor_s, True, run.clairvoyant,
+    result = replay(
+        experts_TLK=trace.experts_TLK, num_experts=trace.num_experts, run=run, capacity=capacity, timing=timing,
+        record=True,
     )  # fmt: skip
-    return token_s, counters, Schedule(trace.experts_TLK, copies, slot_TLK, capacity)
+    return result.token_s, result.counters, Schedule(trace.experts_TLK, result.copies, result.slot_TLK, capacity)
 
 
 def comparison_row(
-    run: PolicyRun, fraction: float, sim_s: np.ndarray, engine_s: np.ndarray, counters: np.ndarray, schedule: Schedule
+    run: PolicyRun, fraction: float, sim_s: np.ndarray, engine_s: np.ndarray, counters: Counters, schedule: Schedule
 ) -> dict:
     """One line of engine_validation.csv; the first tokens the engine spent warming up are left out of both."""
     sim_s = sim_s[len(sim_s) - len(engine_s) :]
@@ -54,24 +54,28 @@ def comparison_row(
         "lookahead": run.lookahead, "cache_fraction": fraction, "tokens": len(engine_s),
         "sim_ms_per_token": 1e3 * sim_s.mean(), "engine_ms_per_token": 1e3 * engine_s.mean(),
         "engine_over_sim": engine_s.mean() / sim_s.mean(),
-        "misses": int(counters[2]), "prefetches": int(counters[3]), "engine_demand_copies": demand,
-        "engine_prefetch_copies": prefetch, "counts_identical": demand == counters[2] and prefetch == counters[3],
+        "misses": counters.misses, "prefetches": counters.prefetches, "engine_demand_copies": demand,
+        "engine_prefetch_copies": prefetch,
+        "counts_identical": demand == counters.misses and prefetch == counters.prefetches,
     }  # fmt: skip
 
 
 def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
     cfg = to_object(cfg, EvaluateConfig)
     require_cuda()
-    workdir = Path(cfg.workdir)
-    store = TraceStore.open(workdir / "traces")
-    target = resolve_target(cfg.target, store)
+    workdir = Workdir(cfg.workdir)
+    store = TraceStore.open(workdir.traces())
+    check_evaluation(
+        cfg.eval, cfg.sim, Geometry(store.num_layers, store.num_experts, store.max_experts_per_token), str(store.root)
+    )
+    target = resolve_target(cfg.target, store.manifest)
     timing = TimingModel.from_profiles(cfg.hardware, target)
     gate, _ = build_heuristics(["gate_lookahead"], store, cfg.eval.seed)
-    predictors = gate + load_trained_predictors(workdir / "predictors", store)
+    predictors = gate + load_trained_predictors(workdir.predictors, store)
     sim = cfg.sim
     trace = rank_predictions(store, cfg.eval.split, predictors, sim.max_tokens, max(sim.lookaheads), max(sim.budgets))
-    num_layers, slots = trace.experts_TLK.shape[1:]
-    capacities = {f: capacity_for(f, num_layers, trace.num_experts, slots) for f in sim.cache_fractions}
+    num_layers = trace.experts_TLK.shape[1]
+    capacities = {f: cache_slots(f, num_layers, trace.num_experts) for f in sim.cache_fractions}
     engine = PrefetchEngine(target, num_layers, trace.num_experts, max(capacities.values()))
     rows = []
     for fraction, capacity in capacities.items():
@@ -81,7 +85,7 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
             rows.append(comparison_row(run, fraction, sim_s, engine_s, counters, schedule))
             log.info("%s", rows[-1])
     frame = pd.DataFrame(rows)
-    out = workdir / "eval" / "engine_validation.csv"
+    out = workdir.eval() / ENGINE_VALIDATION_CSV
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)

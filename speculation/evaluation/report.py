@@ -1,4 +1,8 @@
-"""Write an evaluation's files: metrics.csv, metrics.json, report.md and the figures."""
+"""The evaluation's tables (DataFrames), figures and files: metrics.csv, metrics.json and report.md's sections.
+
+Every table the report shows is a function returning a DataFrame, and its markdown is rendered from it
+(:mod:`speculation.markdown`), so a notebook calls the same functions instead of re-deriving the tables.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from scipy import stats
 
 from speculation.evaluation.runner import EvaluationResult
-from speculation.io import atomic_path, atomic_write_text
+from speculation.io import atomic_path, atomic_write_json
+from speculation.markdown import to_markdown
 from speculation.plots import accuracy_vs_lookahead, layer_accuracy_heatmap, reliability_diagrams
+from speculation.workdir import METRICS_CSV, METRICS_JSON
 
-COLUMNS = [
-    "method", "lookahead", "layer", "source_layer", "target_layer", "top1_acc", "top1_ci_low", "top1_ci_high",
-    "recall_at_budget", "exact_set", "f1", "kl", "ece", "brier", "conf_corr", "stability", "n_tokens", "n_docs",
-]  # fmt: skip
+KEYS = ["method", "lookahead", "layer", "source_layer", "target_layer"]
+METRICS = ["top1_acc", "top1_ci_low", "top1_ci_high", "recall_at_budget", "exact_set", "f1", "kl", "ece", "brier",
+           "conf_corr", "stability", "n_tokens", "n_docs"]  # fmt: skip
+COLUMNS = KEYS + METRICS  # metrics.csv, in order
 
 
 def metrics_frame(result: EvaluationResult, method_order: list[str]) -> pd.DataFrame:
@@ -40,7 +47,6 @@ def seed_means(frame: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
     for method, group in groups.items():
         members.setdefault(group, []).append(method)
     rows = []
-    metrics = [c for c in COLUMNS if c not in ("method", "lookahead", "layer", "source_layer", "target_layer")]
     for group, methods in members.items():
         if len(methods) < 2:
             continue
@@ -48,52 +54,80 @@ def seed_means(frame: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
         for (lookahead, layer), cell in runs.groupby(["lookahead", "layer"], sort=False):
             row = {"method": f"{group} ({len(cell)} seeds)", "lookahead": lookahead, "layer": layer,
                    "source_layer": cell["source_layer"].iloc[0], "target_layer": cell["target_layer"].iloc[0],
-                   **cell[metrics].mean().to_dict()}  # fmt: skip
+                   **cell[METRICS].mean().to_dict()}  # fmt: skip
             spread = stats.t.ppf(0.975, len(cell) - 1) * cell["top1_acc"].std(ddof=1) / np.sqrt(len(cell))
             row["top1_ci_low"], row["top1_ci_high"] = row["top1_acc"] - spread, row["top1_acc"] + spread
             rows.append(row)
     return pd.concat([frame, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True) if rows else frame
 
 
-def markdown_table(aggregate: pd.DataFrame, lookahead: int, budget: int) -> str:
-    rows = aggregate[aggregate["lookahead"] == lookahead]
-    header = (
-        f"| method | top-1 [95 % CI] | recall@{budget} | exact set | F1 | KL | ECE | Brier | conf. corr. | stability |"
+def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows pooled over source layers (``layer == "all"``)."""
+    return frame[frame["layer"] == "all"]
+
+
+def per_layer(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of single source layers, ``layer`` as an int."""
+    return frame[frame["layer"] != "all"].astype({"layer": int})
+
+
+def lookahead_table(frame: pd.DataFrame, lookahead: int) -> pd.DataFrame:
+    """One row per method at lookahead ``d``: every pooled metric (the report's table for that lookahead)."""
+    rows = aggregate(frame)
+    return rows[rows["lookahead"] == lookahead][["method", *METRICS[:-2]]].reset_index(drop=True)
+
+
+def render_lookahead_table(table: pd.DataFrame, budget: int) -> str:
+    shown = pd.DataFrame(
+        {
+            "method": table["method"],
+            "top-1 [95 % CI]": [
+                f"{row.top1_acc:.3f} [{row.top1_ci_low:.3f}, {row.top1_ci_high:.3f}]" for row in table.itertuples()
+            ],
+            f"recall@{budget}": table["recall_at_budget"],
+            **{label: table[column] for column, label in _SHOWN.items()},
+        }
     )
-    lines = [header, "|" + "---|" * 10]
-    for _, row in rows.iterrows():
-        lines.append(
-            f"| {row['method']} | {row['top1_acc']:.3f} [{row['top1_ci_low']:.3f}, {row['top1_ci_high']:.3f}] "
-            f"| {row['recall_at_budget']:.3f} | {row['exact_set']:.3f} | {row['f1']:.3f} | {row['kl']:.3f} "
-            f"| {row['ece']:.3f} | {row['brier']:.3f} | {row['conf_corr']:.3f} | {row['stability']:.3f} |"
-        )
-    return "\n".join(lines)
+    return to_markdown(shown, dict.fromkeys([f"recall@{budget}", *_SHOWN.values()], "{:.3f}"))
 
 
-def write_outputs(
-    result: EvaluationResult,
-    frame: pd.DataFrame,
-    eval_dir: Path,
-    context: dict[str, Any],
-    budget: int,
-    sections: list[str] | None = None,
-    figures_extra: dict[str, Path] | None = None,
-) -> dict[str, Path]:
-    """Everything under ``eval_dir``; each file is written to a temporary name and renamed.
+_SHOWN = {"exact_set": "exact set", "f1": "F1", "kl": "KL", "ece": "ECE", "brier": "Brier",
+          "conf_corr": "conf. corr.", "stability": "stability"}  # fmt: skip
 
-    ``sections``: markdown appended to report.md (the prefetch simulation); ``figures_extra``: its figures.
-    """
-    figures = eval_dir / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    aggregate = frame[frame["layer"] == "all"]
-    per_layer = frame[frame["layer"] != "all"]
+
+def figures(frame: pd.DataFrame, result: EvaluationResult, budget: int) -> dict[str, Figure]:
+    """The evaluation's figures by name (saved as ``figures/<name>.png``)."""
     methods = list(dict.fromkeys(frame["method"]))
-    paths = {
-        "accuracy_vs_lookahead": accuracy_vs_lookahead(aggregate, figures / "accuracy_vs_lookahead.png", budget),
-        "reliability_d1": reliability_diagrams(result.reliability, methods, 1, figures / "reliability_d1.png"),
-        "layer_accuracy_d1": layer_accuracy_heatmap(per_layer, 1, figures / "layer_accuracy_d1.png"),
+    return {
+        "accuracy_vs_lookahead": accuracy_vs_lookahead(aggregate(frame), budget),
+        "reliability_d1": reliability_diagrams(result.reliability, methods, 1),
+        "layer_accuracy_d1": layer_accuracy_heatmap(per_layer(frame), 1),
     }
-    with atomic_path(eval_dir / "metrics.csv") as tmp:
+
+
+def markdown_sections(frame: pd.DataFrame, result: EvaluationResult, context: dict[str, Any], budget: int) -> list[str]:
+    """report.md's prediction-quality part: the setting, one table per lookahead, what was not evaluated."""
+    lines = [
+        f"# Routing prediction: {context['model']} ({context['split']} split, {context['stack']} stack)",
+        "",
+        f"{result.tokens:,} tokens from {context['documents']} held-out documents; every number is per token against "
+        "the router's real decision at layer l + d, pooled over source layers l. Top-1 intervals: 95 % bootstrap over "
+        f"documents ({context['bootstrap']} resamples). Prefetch budget = {budget}. Heuristics are fitted on the "
+        f"train split only. Evaluation ran at {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s.",
+        "",
+    ]
+    for d in sorted(aggregate(frame)["lookahead"].unique()):
+        lines += [f"## Lookahead d = {d}", "", render_lookahead_table(lookahead_table(frame, d), budget), ""]
+    if result.skipped:
+        lines += ["## Not evaluated", ""] + [f"- **{m}**: {why}" for m, why in result.skipped.items()] + [""]
+    return lines
+
+
+def write_metrics(
+    eval_dir: Path, frame: pd.DataFrame, result: EvaluationResult, context: dict[str, Any], figure_paths: dict
+) -> dict[str, Path]:
+    """metrics.csv and metrics.json under ``eval_dir`` (``figure_paths``: the figures already saved)."""
+    with atomic_path(eval_dir / METRICS_CSV) as tmp:
         frame.to_csv(tmp, index=False)
     summary = {
         **context,
@@ -103,25 +137,7 @@ def write_outputs(
         "skipped_methods": result.skipped,
         "rows": json.loads(frame.to_json(orient="records")),
         "reliability": result.reliability,
-        "figures": {name: str(path.relative_to(eval_dir)) for name, path in paths.items()},
+        "figures": {name: str(Path(path).relative_to(eval_dir)) for name, path in figure_paths.items()},
     }
-    atomic_write_text(eval_dir / "metrics.json", json.dumps(summary, indent=2))
-    lines = [
-        f"# Routing prediction: {context['model']} ({context['split']} split, {context['stack']} stack)",
-        "",
-        f"{result.tokens:,} tokens from {context['documents']} held-out documents; every number is per token against "
-        "the router's real decision at layer l + d, pooled over source layers l. Top-1 intervals: 95 % bootstrap over "
-        f"documents ({context['bootstrap']} resamples). Prefetch budget B = {budget}. Heuristics are fitted on the "
-        "train split only. Evaluation ran at "
-        f"{summary['tokens_per_s']:,.0f} tokens/s.",
-        "",
-    ]
-    for d in sorted(aggregate["lookahead"].unique()):
-        lines += [f"## Lookahead d = {d}", "", markdown_table(aggregate, d, budget), ""]
-    if result.skipped:
-        lines += ["## Not evaluated", ""] + [f"- **{m}**: {why}" for m, why in result.skipped.items()] + [""]
-    lines += sections or []
-    figures_all = {**paths, **{k: v for k, v in (figures_extra or {}).items() if v.suffix == ".png"}}
-    lines += ["## Figures", ""] + [f"![{name}]({path.relative_to(eval_dir)})" for name, path in figures_all.items()]
-    atomic_write_text(eval_dir / "report.md", "\n".join(lines) + "\n")
-    return {"metrics_csv": eval_dir / "metrics.csv", "report": eval_dir / "report.md", **paths, **(figures_extra or {})}
+    atomic_write_json(eval_dir / METRICS_JSON, summary)
+    return {"metrics_csv": eval_dir / METRICS_CSV, "metrics_json": eval_dir / METRICS_JSON}

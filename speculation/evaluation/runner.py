@@ -7,18 +7,16 @@ The prediction made at MoE layer ``l`` for lookahead ``d`` is scored against the
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from speculation.evaluation.data import iter_batches, load_batch
 from speculation.evaluation.metrics import MetricAccumulator, token_metrics
 from speculation.predictors.base import Predictor
 from speculation.traces import TraceStore
+from speculation.traces.batches import iter_batches, load_batch
 
 
 @dataclass
@@ -30,32 +28,12 @@ class EvaluationResult:
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it was not evaluated
 
 
-def traces_fingerprint(store: TraceStore) -> str:
-    """Identifies the traced model: a predictor fitted on other traces must not be scored on these."""
-    manifest = store.manifest
-    identity = {
-        "model": manifest.get("model"),
-        "geometry": manifest.get("geometry"),
-        "layers": manifest["routing"]["layers"],
-        "num_experts": manifest["routing"]["num_experts"],
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def check_request(store: TraceStore, split: str, max_lookahead: int, budget: int) -> None:
-    """One clear error for a lookahead past the last layer, a missing or empty split, a useless budget."""
-    num_layers = len(store.layer_names)
-    if max_lookahead < 1 or max_lookahead >= num_layers:
-        raise ValueError(
-            f"eval.max_lookahead={max_lookahead} but the traces have {num_layers} MoE layers "
-            f"({', '.join(store.layer_names)}): lookahead d must be in 1..{num_layers - 1}."
-        )
+def check_split(store: TraceStore, split: str) -> None:
+    """One clear error for a split that was not traced or holds no tokens."""
     if split not in store.splits:
         raise ValueError(f"eval.split={split!r} is not in {store.root}; traced splits: {store.splits}.")
     if store.split(split).num_rows == 0:
         raise ValueError(f"split {split!r} in {store.root} has no tokens; trace more documents or pick another split.")
-    if not 1 <= budget <= store.num_experts:
-        raise ValueError(f"eval.prefetch_budget={budget} must be in 1..{store.num_experts} (the expert count).")
 
 
 def evaluate_predictors(
@@ -69,29 +47,27 @@ def evaluate_predictors(
     seed: int = 0,
     max_tokens: int | None = None,
 ) -> EvaluationResult:
-    """Fit every predictor on the train split, then score it causally on ``split``."""
-    check_request(store, split, max_lookahead, budget)
-    score = store.manifest["routing"].get("score", "softmax")
-    hidden_layers = list(store.manifest.get("hidden", {}).get("layers", []))
+    """Fit every predictor on the train split, then score it causally on ``split``.
+
+    The config's rules against the traces (``speculation.config.rules``) were checked by the caller, at start.
+    """
+    check_split(store, split)
     if "train" in store.splits:
-        train = store.split("train")
-        train_batch = load_batch(train, slice(0, train.num_rows), score, hidden_layers=None)
+        train_batch = load_batch(store, "train", slice(0, store.split("train").num_rows), hidden=False)
         for predictor in predictors:
             predictor.fit(train_batch, store.num_experts)
     target = store.split(split)
     num_docs = int(target.array("doc").max()) + 1
-    num_layers = len(store.layer_names)
+    num_layers = store.num_layers
     accumulators: dict[tuple[str, int, int], MetricAccumulator] = {}
     started, tokens = time.perf_counter(), 0
     progress = tqdm(total=target.num_rows, desc=f"evaluate {split}", unit="tok")
-    for batch in iter_batches(target, score, block_rows, hidden_layers):
+    for batch in iter_batches(store, split, block_rows):
         if max_tokens is not None and tokens >= max_tokens:
             break
         for layer in range(num_layers - 1):
-            lookaheads = [d for d in range(1, max_lookahead + 1) if layer + d < num_layers]
             for predictor in predictors:
-                reach = predictor.max_lookahead or max_lookahead
-                asked = [d for d in lookaheads if d <= reach]  # a trained predictor may reach fewer layers
+                asked = predictor.lookaheads_at(layer, num_layers, max_lookahead)
                 if not asked:
                     continue
                 prediction = predictor.predict(batch, layer, asked)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from packaging.version import Version
 
-from speculation.config import ModelConfig
+from speculation.config.model import ModelConfig
 from speculation.corpus import Document
 
 MIN_TRANSFORMERS = Version("5.18")

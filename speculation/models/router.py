@@ -1,6 +1,7 @@
 """Token-choice routers for the embedded Switch LM, returning a typed :class:`RouterOutput`.
 
-Shape legend: B batch, T time, D model width, E experts, K max experts per token (k, or k_max when adaptive).
+Shape legend (docs/glossary.md): B batch, T tokens, H model width (the hidden state), E experts, K max experts per
+token (k, or k_max when adaptive).
 
 Every variant is one module configured by :class:`~speculation.config.RouterConfig`:
 scoring (``gate``: linear / noisy / cosine) -> temperature -> optional span sharing -> selection (top-k or
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speculation.config import Gate, RouterConfig, Selection
+from speculation.config.model import Gate, RouterConfig, Selection
 
 
 @dataclass
@@ -107,28 +108,28 @@ class Router(nn.Module):
             self.noise = nn.Linear(d_model, num_experts, bias=False)
             nn.init.zeros_(self.noise.weight)
 
-    def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def scores(self, x_BTH: torch.Tensor) -> torch.Tensor:
         """Pre-softmax logits before span sharing, in float32 (selective precision)."""
-        x_BTD = x_BTD.float()
+        x_BTH = x_BTH.float()
         if self.cfg.gate == Gate.cosine:
-            projected = F.normalize(F.linear(x_BTD, self.proj.weight.float()), dim=-1)
+            projected = F.normalize(F.linear(x_BTH, self.proj.weight.float()), dim=-1)
             experts = F.normalize(self.expert_embeddings.float(), dim=-1)
             logits = projected @ experts.t() * self.log_scale.clamp(max=math.log(100.0)).exp()
         else:
-            logits = F.linear(x_BTD, self.weight.weight.float())
+            logits = F.linear(x_BTH, self.weight.weight.float())
         if self.cfg.gate == Gate.noisy and self.training:
-            noise_std = F.softplus(F.linear(x_BTD, self.noise.weight.float()))
+            noise_std = F.softplus(F.linear(x_BTH, self.noise.weight.float()))
             logits = logits + torch.randn_like(logits) * noise_std
         return logits / self.cfg.temperature
 
-    def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None) -> RouterOutput:
-        batch, time, _ = x_BTD.shape
+    def forward(self, x_BTH: torch.Tensor, mask_BT: torch.Tensor | None = None) -> RouterOutput:
+        batch, time, _ = x_BTH.shape
         if mask_BT is None:
-            mask_BT = torch.ones(batch, time, dtype=torch.bool, device=x_BTD.device)
-        logits_BTE = self.scores(x_BTD)
+            mask_BT = torch.ones(batch, time, dtype=torch.bool, device=x_BTH.device)
+        logits_BTE = self.scores(x_BTH)
         if self.cfg.span_length > 1:
             # The span's first token decides for the whole span, so routing stays causal.
-            leader_T = torch.arange(time, device=x_BTD.device) // self.cfg.span_length * self.cfg.span_length
+            leader_T = torch.arange(time, device=x_BTH.device) // self.cfg.span_length * self.cfg.span_length
             logits_BTE = logits_BTE[:, leader_T]
         probs_BTE = torch.softmax(logits_BTE, dim=-1)
 
@@ -137,7 +138,7 @@ class Router(nn.Module):
         top_probs_NK, experts_NK = probs_NE.topk(self.max_k, dim=-1)
         if self.cfg.selection == Selection.adaptive_k:
             k_N = adaptive_k(probs_NE, self.max_k)
-            used_NK = torch.arange(self.max_k, device=x_BTD.device)[None, :] < k_N[:, None]
+            used_NK = torch.arange(self.max_k, device=x_BTH.device)[None, :] < k_N[:, None]
         else:
             used_NK = torch.ones_like(experts_NK, dtype=torch.bool)
         used_NK &= mask_N[:, None]

@@ -1,17 +1,15 @@
 """Train (or reload) the embedded Switch LM that the traces come from.
 
-``workdir/source_model/`` holds ``config.json`` (everything that defines the model), ``model.safetensors`` when
+``Workdir.source_model`` holds ``config.json`` (everything that defines the model), ``model.safetensors`` when
 training finished, ``training_state.pt`` while it is in progress (so a killed run resumes), and ``metrics.json``
-(validation loss next to a unigram baseline on the same tokens). Each step's batch and random state are derived
-from ``(seed, step)``, so a resumed run takes exactly the steps an uninterrupted one would.
+(validation loss next to a unigram baseline on the same tokens). Training runs the shared loop of
+:mod:`speculation.trainer`: each step's batch and random state derive from ``(seed, step)``, so a resumed run takes
+exactly the steps an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -20,19 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from speculation.config import ModelConfig, RouterConfig, SourceTrainConfig
-from speculation.io import atomic_write_text
+from speculation.config.collect import SourceTrainConfig
+from speculation.config.model import ModelConfig, RouterConfig
+from speculation.identity import claim_identity
+from speculation.io import atomic_path, atomic_write_json, remove_stale_temps
 from speculation.models.switch_lm import SwitchLM
 from speculation.tokenizer import EOS_ID, unigram_cross_entropy
 from speculation.tracking import Tracker
+from speculation.trainer import LoopState, train_loop
+from speculation.workdir import CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "config.json"
 HF_ONLY_FIELDS = ("path", "dtype", "encoder_fraction")
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "training_state.pt"
-METRICS_FILE = "metrics.json"
 
 
 def pack_documents(documents: Sequence[np.ndarray]) -> np.ndarray:
@@ -60,14 +57,6 @@ def eval_windows(stream: np.ndarray, num_windows: int, seq_len: int) -> torch.Te
         )
     starts = np.linspace(0, len(stream) - span, num=min(num_windows, len(stream) // span)).astype(np.int64)
     return torch.from_numpy(np.stack([stream[s : s + span] for s in starts]))
-
-
-def lr_at(step: int, cfg: SourceTrainConfig) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -98,30 +87,6 @@ def source_identity(model: ModelConfig, router: RouterConfig, train: SourceTrain
     )
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _check_identity(out_dir: Path, identity: dict) -> None:
-    saved, wanted = _flatten(json.loads((out_dir / CONFIG_FILE).read_text())), _flatten(identity)
-    differing = sorted(key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key))
-    if differing:
-        raise ValueError(
-            f"{out_dir} holds a source model trained with a different config (differs in: {', '.join(differing)}). "
-            "Use another workdir for this config, or delete that source_model directory to retrain."
-        )
-
-
 def load_source_model(out_dir: Path, device: torch.device | str = "cpu") -> SwitchLM:
     """Rebuild a trained embedded model from ``config.json`` + ``model.safetensors``."""
     out_dir = Path(out_dir)
@@ -146,12 +111,15 @@ def train_or_load(
 ) -> tuple[SwitchLM, dict[str, Any]]:
     """Return the trained model and its metrics, training (or resuming) only when needed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / CONFIG_FILE).exists():
-        _check_identity(out_dir, identity)
-        if (out_dir / WEIGHTS_FILE).exists():
-            return load_source_model(out_dir, device), json.loads((out_dir / METRICS_FILE).read_text())
-    else:
-        _write_json(out_dir / CONFIG_FILE, identity)
+    claim_identity(
+        out_dir / CONFIG_FILE,
+        identity,
+        holds="a source model trained with a different config",
+        fix="Use another workdir for this config, or delete that source_model directory to retrain.",
+    )
+    if (out_dir / WEIGHTS_FILE).exists():
+        return load_source_model(out_dir, device), json.loads((out_dir / METRICS_FILE).read_text())
+    remove_stale_temps(out_dir)
 
     train_stream, val_stream = pack_documents(train_ids), pack_documents(val_ids)
     if len(train_stream) <= train_cfg.seq_len + 1:
@@ -171,54 +139,26 @@ def train_or_load(
         lr=train_cfg.lr,
         betas=(train_cfg.beta1, train_cfg.beta2),
     )
-    start_step, history, elapsed = 0, [], 0.0
-    if (out_dir / STATE_FILE).exists():
-        state = torch.load(out_dir / STATE_FILE, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, history, elapsed = state["step"], state["history"], state["elapsed_s"]
 
-    model.train()
-    started = time.perf_counter() - elapsed
-    progress = tqdm(
-        range(start_step, train_cfg.steps), desc="train source model", initial=start_step, total=train_cfg.steps
-    )
-    for step in progress:
-        torch.manual_seed(train_cfg.seed * 1_000_003 + step)  # noisy gating / dropout: same draws after a resume
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train_cfg)
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = sample_batch(train_stream, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed, step).to(device)
         out = model(batch[:, :-1], targets_BT=batch[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        record = {
-            "step": step + 1,
-            "lr": optimizer.param_groups[0]["lr"],
+        return out.loss, {
             "train/lm_loss": out.lm_loss.item(),
             "train/aux_loss": out.aux_loss.item(),
             "train/load_balance_loss": torch.stack([r.load_balance_loss for r in out.routes]).mean().item(),
             "train/z_loss": torch.stack([r.z_loss for r in out.routes]).mean().item(),
-            "train/grad_norm": grad_norm.item(),
         }
-        if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
-            record["val/lm_loss"] = evaluate_lm(model, windows, train_cfg.batch_size, device)
-        history.append(record)
-        tracker.log({k: v for k, v in record.items() if k != "step"}, step=step + 1)
-        progress.set_postfix(loss=f"{record['train/lm_loss']:.3f}")
-        if (step + 1) % train_cfg.checkpoint_every == 0 and step + 1 < train_cfg.steps:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step + 1,
-                "history": history,
-                "elapsed_s": time.perf_counter() - started,
-            }
-            torch.save(state, out_dir / (STATE_FILE + ".tmp"))
-            os.replace(out_dir / (STATE_FILE + ".tmp"), out_dir / STATE_FILE)
 
-    train_time = time.perf_counter() - started
+    def on_eval(_: int, record: dict[str, float], __: LoopState) -> bool:
+        record["val/lm_loss"] = evaluate_lm(model, windows, train_cfg.batch_size, device)
+        return False  # no early stopping: the source model trains for its full schedule
+
+    state, train_time = train_loop(
+        model, optimizer, train_cfg, train_cfg.seed, out_dir / STATE_FILE, step_fn, on_eval, tracker,
+        desc="train source model", device=device,
+    )  # fmt: skip
+    history = state.history
     val_loss = history[-1]["val/lm_loss"] if history else evaluate_lm(model, windows, train_cfg.batch_size, device)
     metrics = {
         "val_loss": val_loss,
@@ -232,9 +172,9 @@ def train_or_load(
         "device": str(device),
         "history": history,
     }
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / (WEIGHTS_FILE + ".tmp"))
-    _write_json(out_dir / METRICS_FILE, metrics)
-    os.replace(out_dir / (WEIGHTS_FILE + ".tmp"), out_dir / WEIGHTS_FILE)  # the weights file marks completion
+    atomic_write_json(out_dir / METRICS_FILE, metrics, sort_keys=True)
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:  # the weights file marks completion: written last
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     (out_dir / STATE_FILE).unlink(missing_ok=True)
     tracker.summary(
         {"source/val_loss": val_loss, "source/unigram_val_loss": unigram_loss, "source/train_time_s": train_time}

@@ -1,6 +1,7 @@
 """The embedded decoder-only Switch Transformer LM.
 
-Shape legend: B batch, T time, D model width, F FFN width, V vocabulary, E experts, K experts per token.
+Shape legend (docs/glossary.md): B batch, T tokens, H model width, F FFN width, V vocabulary, E experts, K experts
+per token.
 
 Laid out like switch-base-8's decoder (pre-norm RMSNorm, ReLU FFNs without biases, MoE FFN in every
 ``moe_every``-th layer) but causal-only and with learned absolute positions, so it trains from scratch on a CPU.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speculation.config import ModelConfig, RouterConfig
+from speculation.config.model import ModelConfig, RouterConfig
 from speculation.models.router import Router, RouterOutput
 
 
@@ -30,8 +31,8 @@ class FeedForward(nn.Module):
         self.wo = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return self.wo(self.dropout(F.relu(self.wi(x_ND))))
+    def forward(self, x_NH: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.dropout(F.relu(self.wi(x_NH))))
 
 
 class MoEFeedForward(nn.Module):
@@ -45,19 +46,19 @@ class MoEFeedForward(nn.Module):
         self.router = Router(d_model, num_experts, router_cfg)
         self.experts = nn.ModuleList(FeedForward(d_model, d_ff, dropout) for _ in range(num_experts))
 
-    def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
-        route = self.router(x_BTD, mask_BT)
-        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        experts_NK = route.experts_BTK.reshape(x_ND.shape[0], -1)
-        gates_NK = route.gates_BTK.reshape(x_ND.shape[0], -1).to(x_ND.dtype)
-        out_ND = torch.zeros_like(x_ND)
+    def forward(self, x_BTH: torch.Tensor, mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        route = self.router(x_BTH, mask_BT)
+        x_NH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        experts_NK = route.experts_BTK.reshape(x_NH.shape[0], -1)
+        gates_NK = route.gates_BTK.reshape(x_NH.shape[0], -1).to(x_NH.dtype)
+        out_NH = torch.zeros_like(x_NH)
         for index, expert in enumerate(self.experts):
             token_idx, slot_idx = torch.nonzero(experts_NK == index, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
-            weighted = expert(x_ND[token_idx]) * gates_NK[token_idx, slot_idx, None]
-            out_ND.index_add_(0, token_idx, weighted)
-        return out_ND.view_as(x_BTD), route
+            weighted = expert(x_NH[token_idx]) * gates_NK[token_idx, slot_idx, None]
+            out_NH.index_add_(0, token_idx, weighted)
+        return out_NH.view_as(x_BTH), route
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,9 +69,9 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.dropout = dropout
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        batch, time, width = x_BTD.shape
-        q, k, v = self.qkv(x_BTD).split(width, dim=-1)
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        batch, time, width = x_BTH.shape
+        q, k, v = self.qkv(x_BTH).split(width, dim=-1)
         q, k, v = (t.view(batch, time, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D/H)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(batch, time, width))
@@ -91,14 +92,14 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None) -> tuple[torch.Tensor, RouterOutput | None]:
-        x_BTD = x_BTD + self.dropout(self.attn(self.attn_norm(x_BTD)))
-        normed = self.ffn_norm(x_BTD)
+    def forward(self, x_BTH: torch.Tensor, mask_BT: torch.Tensor | None) -> tuple[torch.Tensor, RouterOutput | None]:
+        x_BTH = x_BTH + self.dropout(self.attn(self.attn_norm(x_BTH)))
+        normed = self.ffn_norm(x_BTH)
         if isinstance(self.ffn, MoEFeedForward):
             ffn_out, route = self.ffn(normed, mask_BT)
         else:
             ffn_out, route = self.ffn(normed), None
-        return x_BTD + self.dropout(ffn_out), route
+        return x_BTH + self.dropout(ffn_out), route
 
 
 @dataclass
@@ -149,13 +150,13 @@ class SwitchLM(nn.Module):
         if time > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {time} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         positions_T = torch.arange(time, device=tokens_BT.device)
-        x_BTD = self.token_embedding(tokens_BT) + self.position_embedding(positions_T)
+        x_BTH = self.token_embedding(tokens_BT) + self.position_embedding(positions_T)
         routes = []
         for block in self.blocks:
-            x_BTD, route = block(x_BTD, mask_BT)
+            x_BTH, route = block(x_BTH, mask_BT)
             if route is not None:
                 routes.append(route)
-        logits_BTV = F.linear(self.final_norm(x_BTD), self.token_embedding.weight)
+        logits_BTV = F.linear(self.final_norm(x_BTH), self.token_embedding.weight)
         output = LMOutput(logits_BTV=logits_BTV, routes=routes)
         if targets_BT is not None:
             output.lm_loss = F.cross_entropy(

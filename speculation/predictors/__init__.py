@@ -1,10 +1,13 @@
-"""Routing predictors: the interface, heuristic and baseline rows of every table, and (issue #5) learned models.
+"""Routing predictors: the interface, the heuristic and baseline rows of every table, and learned models.
 
-``HEURISTICS`` maps each baseline's metrics name to its class. All construct with defaults except
-``gate_lookahead``, which needs the routers' weights: ``GateLookaheadPredictor.from_store(store)``.
+``HEURISTICS`` maps each baseline's metrics name to its class, in table order (the names are
+``speculation.config.evaluate.HEURISTIC_METHODS``). All construct with defaults except ``gate_lookahead``, which
+needs the routers' weights: ``GateLookaheadPredictor.from_store(store)``; :mod:`speculation.predictors.loading`
+builds them by name and loads trained predictors from their run directories.
 """
 
-from speculation.predictors.base import Prediction, Predictor, TraceBatch
+from speculation.config.evaluate import HEURISTIC_METHODS
+from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.gate_lookahead import GateLookaheadPredictor
 from speculation.predictors.heuristics import (
     AdaptivePredictor,
@@ -16,6 +19,7 @@ from speculation.predictors.heuristics import (
     PreviousTokenPredictor,
     RandomPredictor,
 )
+from speculation.traces.batches import TraceBatch  # what every predictor reads
 
 HEURISTICS: dict[str, type[Predictor]] = {
     cls.name: cls
@@ -31,6 +35,7 @@ HEURISTICS: dict[str, type[Predictor]] = {
         OraclePredictor,
     )
 }
+assert list(HEURISTICS) == HEURISTIC_METHODS, f"heuristic names {list(HEURISTICS)} != {HEURISTIC_METHODS}"
 
 __all__ = [
     "HEURISTICS",

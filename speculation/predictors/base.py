@@ -1,7 +1,7 @@
 """The interface every routing predictor implements: heuristics, baselines and (issue #5) learned models.
 
-Shape legend: N token rows (whole sequences, in (seq, pos) order), L MoE layers, K expert slots, E experts,
-H hidden width, D lookaheads asked for.
+Shape legend (docs/glossary.md): N token rows (whole sequences, in (seq, pos) order), L MoE layers, K expert slots,
+E experts, H hidden width, D lookaheads asked for.
 
 **Causality contract.** Predicting for MoE layer ``l`` of token ``t``, a predictor may read: every field of rows
 of *earlier tokens of the same sequence* at any layer, and row ``t`` itself only at layers ``<= l`` (its routing
@@ -16,31 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass
-class TraceBatch:
-    """A block of whole traced sequences, as float32/int64 numpy arrays."""
-
-    experts_NLK: np.ndarray  # int64, -1 = dropped/unused slot
-    gates_NLK: np.ndarray  # float32
-    logits_NLE: np.ndarray  # float32, the router's scores
-    probs_NLE: np.ndarray  # float32, the router's distribution (softmax, or normalised sigmoid scores)
-    hidden_NLH: np.ndarray | None  # float32 router inputs of the layers in hidden_layers, else None
-    hidden_layers: list[int]  # which MoE layers hidden_NLH holds, in order
-    seq_N: np.ndarray  # int64 traced-sequence id
-    pos_N: np.ndarray  # int64 position in the document
-    doc_N: np.ndarray  # int64 document index
-    prev_N: np.ndarray  # int64 row index (within this batch) of the previous token of the same sequence, or -1
-
-    @property
-    def num_rows(self) -> int:
-        return self.experts_NLK.shape[0]
-
-    def hidden_at(self, layer: int) -> np.ndarray | None:
-        """The hidden state entering ``layer``'s router [N, H], if it was traced."""
-        if self.hidden_NLH is None or layer not in self.hidden_layers:
-            return None
-        return self.hidden_NLH[:, self.hidden_layers.index(layer)]
+from speculation.traces.batches import TraceBatch
 
 
 @dataclass
@@ -59,6 +35,15 @@ class Predictor:
 
     name: str = ""
     max_lookahead: int | None = None  # the farthest lookahead it predicts; None: any
+
+    def lookaheads_at(self, layer: int, num_layers: int, max_lookahead: int) -> list[int]:
+        """The lookaheads this predictor is asked at source ``layer``: every d in 1..``max_lookahead`` that it
+        reaches (``self.max_lookahead``) and that leaves a target layer (``layer + d < num_layers``).
+
+        The one place that decides it, for the evaluator and the simulator alike.
+        """
+        reach = min(max_lookahead, self.max_lookahead or max_lookahead)
+        return [d for d in range(1, reach + 1) if layer + d < num_layers]
 
     def fit(self, train: TraceBatch, num_experts: int) -> None:
         """Learn statistics from the train split (default: nothing to learn)."""

@@ -27,18 +27,19 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from speculation.config import Gate, RouterConfig, Selection
+from speculation.config.model import Gate, RouterConfig, Selection
 from speculation.models.router import Router
-from speculation.predictors.base import Prediction, Predictor, TraceBatch
+from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.heuristics import max_confidence, target_layers
-from speculation.tracing.hf_adapters import TOPK_ADAPTERS
+from speculation.traces.batches import TraceBatch
+from speculation.traces.manifest import SCORES
+from speculation.tracing.registry import ADAPTERS
 
 if TYPE_CHECKING:
-    from speculation.traces import TraceStore
+    from speculation.traces.reader import TraceStore
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # hidden [N, H] float32 -> router scores [N, E] float32
-SCORES = ("softmax", "sigmoid")
-FAMILIES = ("embedded_switch", "switch_transformers", *TOPK_ADAPTERS)
+FAMILIES = tuple(ADAPTERS)  # every traced family: embedded, Switch (classifier.weight), top-k routers (weight)
 
 
 def _router_config(raw: Mapping[str, Any]) -> RouterConfig:
@@ -48,18 +49,20 @@ def _router_config(raw: Mapping[str, Any]) -> RouterConfig:
     return RouterConfig.from_json(values)
 
 
-def _embedded_scorer(state: Mapping[str, torch.Tensor], routing: Mapping[str, Any]) -> Scorer:
-    if "router_config" not in routing:
+def _embedded_scorer(
+    state: Mapping[str, torch.Tensor], num_experts: int, router_config: Mapping[str, Any] | None
+) -> Scorer:
+    if router_config is None:
         raise ValueError(
             "manifest['routing'] has no 'router_config', which gate_lookahead needs to rebuild the embedded router; "
             "re-collect the traces with this version of spec-collect"
         )
-    cfg = _router_config(routing["router_config"])
+    cfg = _router_config(router_config)
     # Both gates' first matrix reads the hidden state: linear [E, H], cosine projection [C, H].
     first = state.get("weight.weight", state.get("proj.weight"))
     if first is None:
         raise ValueError(f"embedded router weights have no 'weight.weight' or 'proj.weight'; found {sorted(state)}")
-    router = Router(int(first.shape[1]), int(routing["num_experts"]), cfg)
+    router = Router(int(first.shape[1]), num_experts, cfg)
     router.load_state_dict(dict(state))  # strict: a missing or extra tensor means another router variant
     router.eval()  # noisy gating adds its noise only in training
     return router.scores  # float32 logits after temperature, before span sharing
@@ -96,11 +99,9 @@ class GateLookaheadPredictor(Predictor):
 
     @classmethod
     def from_store(cls, store: TraceStore) -> GateLookaheadPredictor:
-        """Load ``router_weights.safetensors`` next to the store's manifest and its ``manifest["routing"]``."""
-        from speculation.tracing.collection import ROUTER_WEIGHTS_FILE  # lazy: collection pulls in matplotlib
-
-        entry = store.manifest.get("router_weights", {})
-        path = Path(store.root) / entry.get("file", ROUTER_WEIGHTS_FILE)
+        """Load ``router_weights.safetensors`` next to the store's manifest, as its routing section describes."""
+        manifest = store.manifest
+        path = Path(store.root) / manifest.router_weights_file
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: gate_lookahead needs the routers' weights, which spec-collect writes when a "
@@ -109,8 +110,15 @@ class GateLookaheadPredictor(Predictor):
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-        family = metadata.get("format") or entry.get("format") or store.manifest.get("adapter")
-        return cls.from_parts(family, store.layer_names, tensors, store.manifest["routing"])
+        routing = manifest.routing
+        return cls.from_parts(
+            metadata.get("format") or manifest.router_family,
+            store.layer_names,
+            tensors,
+            routing.num_experts,
+            routing.score,
+            routing.router_config,
+        )
 
     @classmethod
     def from_parts(
@@ -118,10 +126,12 @@ class GateLookaheadPredictor(Predictor):
         family: str | None,
         layer_names: Sequence[str],
         tensors: Mapping[str, torch.Tensor],
-        routing: Mapping[str, Any],
+        num_experts: int,
+        score: str = "softmax",
+        router_config: Mapping[str, Any] | None = None,
     ) -> GateLookaheadPredictor:
-        """``tensors`` keyed ``<layer label>.<param>`` (as ``save_router_weights`` writes them); ``routing`` is
-        ``manifest["routing"]`` (``num_experts``, ``score``, and ``router_config`` for the embedded model)."""
+        """``tensors`` keyed ``<layer label>.<param>`` (as ``save_router_weights`` writes them); ``score`` and
+        ``router_config`` (the embedded model's, needed to rebuild it) as the manifest's routing section has them."""
         if family not in FAMILIES:
             raise ValueError(f"gate_lookahead cannot rebuild routers of family {family!r}; supported: {FAMILIES}")
         scorers = []
@@ -131,7 +141,7 @@ class GateLookaheadPredictor(Predictor):
             if not state:
                 raise ValueError(f"router weights have no tensors for layer {label!r}; re-run spec-collect")
             if family == "embedded_switch":
-                scorers.append(_embedded_scorer(state, routing))
+                scorers.append(_embedded_scorer(state, num_experts, router_config))
                 continue
             weight_key = "classifier.weight" if family == "switch_transformers" else "weight"
             if weight_key not in state:
@@ -139,14 +149,14 @@ class GateLookaheadPredictor(Predictor):
             # DeepSeek-V3's e_score_correction_bias only steers selection; the distribution is the unbiased one.
             bias = state.get("classifier.bias" if family == "switch_transformers" else "bias")
             scorers.append(_linear_scorer(state[weight_key], bias))
-        span_length = routing.get("router_config", {}).get("span_length", 1)
+        span_length = (router_config or {}).get("span_length", 1)
         if span_length > 1:
             warnings.warn(
                 f"gate_lookahead applies the span router (span_length={span_length}) to every token's own hidden "
                 "state: span sharing needs the span leader's hidden state, which a row does not identify",
                 stacklevel=2,
             )
-        return cls(scorers, score=routing.get("score", "softmax"), layer_names=layer_names)
+        return cls(scorers, score=score, layer_names=layer_names)
 
     def distribution(self, scores_NE: torch.Tensor) -> torch.Tensor:
         """Router scores -> the routing distribution [N, E] in float32."""

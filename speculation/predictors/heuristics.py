@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from speculation.predictors.base import Prediction, Predictor, TraceBatch
+from speculation.predictors.base import Prediction, Predictor
+from speculation.traces.batches import TraceBatch
 
 
 def target_layers(batch: TraceBatch, layer: int, lookaheads: Sequence[int]) -> list[int]:

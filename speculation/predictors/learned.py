@@ -1,8 +1,8 @@
-"""Learned routing predictors (issue #5): ``contextual``, ``transformer`` and ``hierarchical`` models.
+"""Learned routing predictors: ``contextual``, ``transformer`` and ``hierarchical`` models.
 
-Shape legend: B batch rows (windows of one traced sequence each), T tokens per window, L MoE layers, E experts,
-H hidden width, D lookaheads (``max_lookahead``; entry ``j`` predicts layer ``l + j + 1``), M model width
-(``d_model``), S fusion sources of the hierarchical model (0 = token-level, 1 = sequence-level).
+Shape legend (docs/glossary.md): B batch rows (windows of one traced sequence each), T tokens per window, L MoE
+layers, E experts, H hidden width, D lookaheads (``max_lookahead``; entry ``j`` predicts layer ``l + j + 1``),
+M predictor width (``d_model``), S fusion sources of the hierarchical model (0 = token-level, 1 = sequence-level).
 
 **Causality** (the contract of :mod:`speculation.predictors.base`): output ``[b, t, l]`` reads token ``t`` only at
 layers ``<= l`` and tokens ``t' < t`` of row ``b`` at any layer. Every model holds it by construction: across layers
@@ -14,28 +14,12 @@ through a banded attention mask or an LSTM run from layer 0 upwards; across toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from speculation.config import PredictorConfig
-
-
-@dataclass
-class LearnedConfig:
-    """A learned predictor's architecture; ``speculation.config.PredictorConfig`` has the same fields."""
-
-    kind: str = "contextual"  # contextual | transformer | hierarchical
-    d_model: int = 64
-    max_lookahead: int = 4  # D: predicts layers l+1 .. l+D in one pass
-    context_layers: int = 3  # contextual: how many of the current token's last layers it attends over
-    num_heads: int = 4
-    num_blocks: int = 2  # transformer: causal transformer blocks over tokens
-    dropout: float = 0.1
-    max_positions: int = 512  # longest window the learned position table covers
+from speculation.config.predictor import PredictorConfig, PredictorKind
 
 
 @dataclass
@@ -55,19 +39,6 @@ class PredictorOutputs:
     logits_BTLDE: torch.Tensor  # float32; softmax gives the predicted distribution over layer l+j+1's experts
     confidence_BTLD: torch.Tensor  # float32 in (0, 1): belief that the top-1 is right
     fusion_weights_BTLS: torch.Tensor | None = None  # hierarchical only: softmax weights of the two sources
-
-
-def check_config(cfg: LearnedConfig | PredictorConfig, num_layers: int) -> None:
-    """One clear ``ValueError`` for an architecture that cannot be built."""
-    for name in ("d_model", "max_lookahead", "context_layers", "num_heads", "num_blocks", "max_positions"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"predictor.{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.d_model % cfg.num_heads:
-        raise ValueError(f"predictor.d_model={cfg.d_model} must be divisible by predictor.num_heads={cfg.num_heads}")
-    if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"predictor.dropout={cfg.dropout} must be in [0, 1)")
-    if num_layers < 1:
-        raise ValueError(f"the traces have {num_layers} MoE layers; a predictor needs at least one")
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -190,9 +161,8 @@ class ContextualModel(nn.Module):
     embeddings of layers max(0, l - context_layers + 1) .. l. The attended vector and the query are fused by an MLP.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: LearnedConfig | PredictorConfig):
+    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig):
         super().__init__()
-        check_config(cfg, num_layers)
         M = cfg.d_model
         self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M)
         self.positions = PositionEmbedding(cfg.max_positions, M)
@@ -228,9 +198,8 @@ class TransformerModel(nn.Module):
     holds token t - 1 (slot 0 a learned "no context" vector), so with a causal mask slot t sees tokens < t only.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: LearnedConfig | PredictorConfig):
+    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig):
         super().__init__()
-        check_config(cfg, num_layers)
         M = cfg.d_model
         self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M)
         self.positions = PositionEmbedding(cfg.max_positions, M)
@@ -266,9 +235,8 @@ class HierarchicalModel(nn.Module):
     distributions, returned as its log-probabilities.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: LearnedConfig | PredictorConfig):
+    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig):
         super().__init__()
-        check_config(cfg, num_layers)
         M = cfg.d_model
         self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M)
         self.history = LayerHistory(M)
@@ -307,17 +275,20 @@ class HierarchicalModel(nn.Module):
         return PredictorOutputs(logits_BTLDE, confidence_BTLD, fusion_weights_BTLS=fusion_BTLS)
 
 
-MODELS: dict[str, type[nn.Module]] = {
-    "contextual": ContextualModel,
-    "transformer": TransformerModel,
-    "hierarchical": HierarchicalModel,
+MODELS: dict[PredictorKind, type[nn.Module]] = {
+    PredictorKind.contextual: ContextualModel,
+    PredictorKind.transformer: TransformerModel,
+    PredictorKind.hierarchical: HierarchicalModel,
 }
-MODEL_KINDS = tuple(MODELS)
 
 
-def build_model(num_layers: int, num_experts: int, hidden_size: int, cfg: LearnedConfig | PredictorConfig) -> nn.Module:
-    """The learned predictor ``cfg.kind`` for traces with L layers, E experts and hidden width H."""
-    kind = str(cfg.kind)  # PredictorConfig.kind is a StrEnum; str() gives its value
-    if kind not in MODELS:
-        raise ValueError(f"unknown predictor kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
-    return MODELS[kind](num_layers, num_experts, hidden_size, cfg)
+def build_model(num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig) -> nn.Module:
+    """The learned predictor ``cfg.kind`` for traces with L MoE layers, E experts and hidden width H.
+
+    ``cfg`` was validated when it was built (``PredictorConfig.__post_init__``); the traces must have a layer.
+    """
+    if str(cfg.kind) not in MODELS:
+        raise ValueError(f"unknown predictor kind {cfg.kind!r}; choose one of {', '.join(MODELS)}")
+    if num_layers < 1:
+        raise ValueError(f"the traces have {num_layers} MoE layers; a predictor needs at least one")
+    return MODELS[PredictorKind(cfg.kind)](num_layers, num_experts, hidden_size, cfg)

@@ -1,12 +1,12 @@
 """A trained predictor behind the shared :class:`Predictor` interface, for ``spec-evaluate``.
 
-Shape legend: N token rows, S sequences, T tokens per sequence (padded), L MoE layers, D lookaheads, E experts.
+Shape legend (docs/glossary.md): N token rows, B sequences (batch), T tokens per sequence (padded), L MoE layers,
+D lookaheads, E experts.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,15 +14,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from speculation.config import PredictorConfig, PredictorKind
-from speculation.predictors.base import Prediction, Predictor, TraceBatch
+from speculation.config.predictor import PredictorConfig, PredictorKind
+from speculation.config.stages import seed_group
+from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.learned import PredictorInputs, build_model
 from speculation.traces import TraceStore
-
-
-def seed_group(run_name: str) -> str:
-    """The group of runs that differ only in their seed: ``transformer-seed2`` -> ``transformer``."""
-    return re.sub(r"-seed\d+$", "", run_name)
+from speculation.traces.batches import TraceBatch
+from speculation.workdir import PREDICTOR_FILE, WEIGHTS_FILE
 
 
 class TrainedPredictor(Predictor):
@@ -38,12 +36,12 @@ class TrainedPredictor(Predictor):
 
     @classmethod
     def from_dir(cls, run_dir: Path, store: TraceStore) -> TrainedPredictor:
-        meta = json.loads((Path(run_dir) / "predictor.json").read_text())
+        meta = json.loads((Path(run_dir) / PREDICTOR_FILE).read_text())
         saved = dict(meta["config"]["predictor"])
         config = PredictorConfig(**{**saved, "kind": PredictorKind(saved["kind"])})
         geometry = meta["geometry"]
         model = build_model(geometry["num_layers"], geometry["num_experts"], geometry["hidden_size"], config)
-        model.load_state_dict(load_file(Path(run_dir) / "model.safetensors"))
+        model.load_state_dict(load_file(Path(run_dir) / WEIGHTS_FILE))
         return cls(model, meta["name"], config.max_lookahead)
 
     @torch.no_grad()
@@ -62,17 +60,17 @@ class TrainedPredictor(Predictor):
             chunk = slice(first, first + self.sequences_per_forward)
             width = int(lengths[chunk].max())
             offsets = np.arange(width)
-            mask_ST = offsets[None, :] < lengths[chunk, None]
-            rows_ST = np.where(mask_ST, starts[chunk, None] + offsets[None, :], 0)
+            mask_BT = offsets[None, :] < lengths[chunk, None]
+            rows_BT = np.where(mask_BT, starts[chunk, None] + offsets[None, :], 0)
             inputs = PredictorInputs(
-                probs_BTLE=torch.from_numpy(batch.probs_NLE[rows_ST]),
-                hidden_BTLH=torch.from_numpy(batch.hidden_NLH[rows_ST]),
-                mask_BT=torch.from_numpy(mask_ST),
+                probs_BTLE=torch.from_numpy(batch.probs_NLE[rows_BT]),
+                hidden_BTLH=torch.from_numpy(batch.hidden_NLH[rows_BT]),
+                mask_BT=torch.from_numpy(mask_BT),
             )
             out = self.model(inputs)
-            real = rows_ST[mask_ST]
-            probs[real] = torch.softmax(out.logits_BTLDE.float(), -1).numpy()[mask_ST]
-            confidence[real] = out.confidence_BTLD.float().numpy()[mask_ST]
+            real = rows_BT[mask_BT]
+            probs[real] = torch.softmax(out.logits_BTLDE.float(), -1).numpy()[mask_BT]
+            confidence[real] = out.confidence_BTLD.float().numpy()[mask_BT]
         self._cache = (id(batch), probs, confidence)
         return probs, confidence
 

@@ -1,6 +1,6 @@
 """Turn trace windows into learned-predictor inputs and training targets.
 
-Shape legend: B windows, T tokens per window, L MoE layers, E experts, H hidden width, D lookaheads
+Shape legend (docs/glossary.md): B windows, T tokens per window, L MoE layers, E experts, H hidden width, D lookaheads
 (entry ``j`` is lookahead ``d = j + 1``: layer ``l + j + 1``).
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from speculation.evaluation.data import router_distribution
 from speculation.predictors.learned import PredictorInputs
+from speculation.traces.batches import router_distribution
 
 
 @dataclass

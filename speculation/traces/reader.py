@@ -14,15 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from speculation.traces.store import (
-    _COLLECT_FIX,
-    SCHEMA_VERSION,
-    ShardInfo,
-    TraceFormatError,
-    _file_sha256,
-    _load_shard,
-    _manifest_problem,
-)
+from speculation.io import file_sha256
+from speculation.traces.manifest import COLLECT_FIX, SCHEMA_VERSION, Manifest, TraceFormatError
+from speculation.traces.store import ShardInfo, _load_shard
+from speculation.workdir import MANIFEST_FILE, TOKENS_FILE, Workdir
 
 
 class TraceSplit:
@@ -37,14 +32,14 @@ class TraceSplit:
 
     def _open(self) -> None:
         if not self.infos:
-            raise TraceFormatError(f"split {self.name!r} in the manifest has no shards; {_COLLECT_FIX}")
+            raise TraceFormatError(f"split {self.name!r} in the manifest has no shards; {COLLECT_FIX}")
         self.shards: list[dict[str, np.ndarray]] = [_load_shard(self.directory / i.name, i) for i in self.infos]
         self.fields: tuple[str, ...] = tuple(self.shards[0])
         for info, shard in zip(self.infos, self.shards, strict=True):
             if tuple(shard) != self.fields:
                 raise TraceFormatError(
                     f"{self.directory / info.name} has fields {tuple(shard)}, the first shard {self.fields}; "
-                    f"delete {self.directory} and {_COLLECT_FIX}"
+                    f"delete {self.directory} and {COLLECT_FIX}"
                 )
         # offsets[s] is the global row of shard s's first row; offsets[-1] == num_rows.
         self.offsets = np.cumsum([0] + [info.rows for info in self.infos], dtype=np.int64)
@@ -52,7 +47,7 @@ class TraceSplit:
         if self.num_rows != self._expected_rows:
             raise TraceFormatError(
                 f"split {self.name!r} has {self.num_rows} rows in its shards but the manifest says "
-                f"{self._expected_rows}; {_COLLECT_FIX}"
+                f"{self._expected_rows}; {COLLECT_FIX}"
             )
 
     # Memory maps would be pickled as full copies (e.g. to spawned DataLoader workers), so re-open instead.
@@ -105,7 +100,7 @@ class TraceSplit:
 
     def tokens_frame(self) -> pd.DataFrame:
         """Per-token metadata: columns row, doc, pos, seq, token."""
-        path = self.directory / "tokens.parquet"
+        path = self.directory / TOKENS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; re-run spec-collect (finalizing a split writes it)")
         return pd.read_parquet(path)
@@ -114,38 +109,39 @@ class TraceSplit:
 class TraceStore:
     """A trace directory opened for reading; use ``TraceStore.open(root)``."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: Manifest) -> None:
         self.root = Path(root)
         self.manifest = manifest
-        self.splits: list[str] = sorted(manifest["splits"])
-        routing = manifest["routing"]
-        self.num_experts: int = int(routing["num_experts"])
-        self.max_experts_per_token: int = int(routing["max_experts_per_token"])
-        self.layer_names: list[str] = list(routing["layers"])
+        self.splits: list[str] = sorted(manifest.splits)
+        self.num_experts: int = manifest.routing.num_experts
+        self.max_experts_per_token: int = manifest.routing.max_experts_per_token
+        self.layer_names: list[str] = manifest.layer_names
         self._split_cache: dict[str, TraceSplit] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
 
     @classmethod
     def open(cls, root: Path | str, verify: bool = True) -> TraceStore:
         root = Path(root)
-        path = root / "manifest.json"
+        path = root / MANIFEST_FILE
         if not path.is_file():
             raise FileNotFoundError(
-                f"no trace manifest in {root}; run `spec-collect workdir={root.parent}` first "
+                f"no trace manifest in {root}; run `spec-collect workdir={Workdir.of_traces(root).root}` first "
                 "(an interrupted collection resumes where it stopped)"
             )
         try:
-            manifest = json.loads(path.read_text())
+            raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise TraceFormatError(f"{path} is not valid JSON ({err}); delete it and re-run spec-collect") from err
-        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
         if version != SCHEMA_VERSION:
             raise TraceFormatError(
                 f"{path} has trace schema_version {version}, this code reads version {SCHEMA_VERSION}; "
                 f"re-collect the traces: delete {root} and run spec-collect"
             )
-        if problem := _manifest_problem(manifest):
-            raise TraceFormatError(f"{path}: {problem}; delete it and re-run spec-collect")
-        store = cls(root, manifest)
+        store = cls(root, Manifest.from_dict(raw, source=str(path)))
         if verify:
             store.verify()
         return store
@@ -153,15 +149,15 @@ class TraceStore:
     def verify(self) -> None:
         """Hash every shard file against the manifest; TraceFormatError on the first mismatch."""
         for split_name in self.splits:
-            for shard in self.manifest["splits"][split_name]["shards"]:
+            for shard in self.manifest.splits[split_name]["shards"]:
                 info = ShardInfo.from_dict(shard)
                 shard_dir = self.root / split_name / info.name
-                fix = f"delete {shard_dir} and {_COLLECT_FIX}"
+                fix = f"delete {shard_dir} and {COLLECT_FIX}"
                 for file_name, expected in sorted(info.sha256.items()):
                     path = shard_dir / file_name
                     if not path.is_file():
                         raise TraceFormatError(f"{path} is missing; {fix}")
-                    actual = _file_sha256(path)
+                    actual = file_sha256(path)
                     if actual != expected:
                         raise TraceFormatError(
                             f"{path} is corrupted: sha256 {actual[:16]}… differs from the manifest's "
@@ -169,10 +165,10 @@ class TraceStore:
                         )
 
     def split(self, name: str) -> TraceSplit:
-        if name not in self.manifest["splits"]:
+        if name not in self.manifest.splits:
             raise ValueError(f"no split {name!r} in {self.root}; available splits: {self.splits}")
         if name not in self._split_cache:
-            split = TraceSplit(self.root / name, name, self.manifest["splits"][name])
+            split = TraceSplit(self.root / name, name, self.manifest.splits[name])
             self._check_geometry(split)
             self._split_cache[name] = split
         return self._split_cache[name]

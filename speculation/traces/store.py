@@ -1,29 +1,25 @@
 """Writing routing traces: token-major numpy shards, a manifest, and a per-token parquet table.
 
-Layout of a trace directory ``root`` (``workdir/traces``)::
+Layout of a trace directory ``root`` (``Workdir.traces()``)::
 
-    root/manifest.json          written last, atomically: schema_version, routing, splits, ...
+    root/manifest.json          written last, atomically (its schema: speculation/traces/manifest.py)
     root/<split>/shard-00000/   one <field>.npy per TRACE_FIELDS entry present, plus meta.json
     root/<split>/tokens.parquet row, doc, pos, seq, token (written by ``SplitWriter.finalize``)
 
-``manifest["splits"][name]`` is what ``SplitWriter.finalize`` returns; ``manifest["routing"]`` is
-``{"num_experts", "max_experts_per_token", "layers": [router names]}``.
+``manifest["splits"][name]`` is what ``SplitWriter.finalize`` returns.
 
-Shape legend: N token rows (real tokens, ordered by (seq, pos)), L MoE layers, K max experts per token,
-E experts, Lh traced hidden layers, H hidden size.
+Shape legend (docs/glossary.md): N token rows (real tokens, ordered by (seq, pos)), L MoE layers, K expert slots
+per token, E experts, Lh traced hidden layers, H hidden width.
 
-A shard is written into ``shard-XXXXX.tmp/`` and renamed, so a crash leaves either a complete shard or a
-``.tmp`` directory that the next writer deletes; a collection resumes at the first incomplete shard.
-Reading lives in :mod:`speculation.traces.reader`.
+A shard is written into ``shard-XXXXX.tmp/`` and renamed (:func:`speculation.io.atomic_directory`), so a crash
+leaves either a complete shard or a ``.tmp`` directory that the next writer deletes; a collection resumes at the
+first incomplete shard. Reading lives in :mod:`speculation.traces.reader`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+from speculation.io import atomic_directory, atomic_write_bytes, file_sha256, remove_stale_temps
+from speculation.traces.manifest import COLLECT_FIX, SCHEMA_VERSION, TraceFormatError, manifest_problem
+from speculation.workdir import MANIFEST_FILE, SHARD_META_FILE, TOKENS_FILE
 
 TRACE_FIELDS: dict[str, np.dtype] = {
     "experts": np.dtype(np.int16),  # [N, L, K]; -1 = dropped or unused slot
@@ -49,12 +47,6 @@ TRACE_FIELDS: dict[str, np.dtype] = {
 REQUIRED_FIELDS: tuple[str, ...] = tuple(name for name in TRACE_FIELDS if name not in ("hidden", "dropped"))
 _RANK = {"experts": 3, "gates": 3, "dropped": 3, "logits": 3, "hidden": 3, "token": 1, "doc": 1, "pos": 1, "seq": 1}
 _TOKEN_COLUMNS = ("doc", "pos", "seq", "token")
-_ROUTING_KEYS = {"num_experts", "max_experts_per_token", "layers"}
-_COLLECT_FIX = "re-run spec-collect to rewrite it"
-
-
-class TraceFormatError(ValueError):
-    """A trace store on disk is corrupted or was written by an incompatible version."""
 
 
 @dataclass(frozen=True)
@@ -77,35 +69,6 @@ def _shard_name(index: int) -> str:
     if index < 0:
         raise ValueError(f"shard index must be >= 0, got {index}")
     return f"shard-{index:05d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable; a no-op where directories cannot be opened or synced.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_bytes(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _validate(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -149,7 +112,7 @@ def _validate(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _load_shard(shard_dir: Path, info: ShardInfo) -> dict[str, np.ndarray]:
     """Memory-map every file of a shard; TraceFormatError if one is missing or malformed."""
-    fix = f"delete {shard_dir} and {_COLLECT_FIX}"
+    fix = f"delete {shard_dir} and {COLLECT_FIX}"
     arrays: dict[str, np.ndarray] = {}
     for file_name in info.sha256:
         name = file_name.removesuffix(".npy")
@@ -181,44 +144,29 @@ class SplitWriter:
         self.split = split
         self.directory = self.root / split
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in sorted(self.directory.glob("*.tmp")):
-            # Left by a writer that died mid-write; its contents are unusable.
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
+        remove_stale_temps(self.directory)  # left by a writer that died mid-write; their contents are unusable
 
     def is_complete(self, index: int) -> bool:
-        return (self.directory / _shard_name(index) / "meta.json").is_file()
+        return (self.directory / _shard_name(index) / SHARD_META_FILE).is_file()
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray]) -> ShardInfo:
         """Validate, cast and atomically write one shard (see ``TRACE_FIELDS`` for shapes)."""
         cast = _validate(arrays)
         final = self.directory / _shard_name(index)
-        tmp = final.with_name(final.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         digests: dict[str, str] = {}
-        for name, arr in cast.items():
-            path = tmp / f"{name}.npy"
-            with open(path, "wb") as handle:
-                np.save(handle, arr, allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            digests[path.name] = _file_sha256(path)  # re-read from page cache, hashes exactly what is on disk
-        info = ShardInfo(name=final.name, rows=int(cast["experts"].shape[0]), sha256=digests)
-        meta = {"rows": info.rows, "sha256": info.to_dict()["sha256"]}
-        _write_bytes(tmp / "meta.json", json.dumps(meta, sort_keys=True, indent=2).encode())
-        _fsync_dir(tmp)
-        if final.exists():  # an explicit rewrite replaces the old shard
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.directory)
+        with atomic_directory(final) as tmp:
+            for name, arr in cast.items():
+                path = tmp / f"{name}.npy"
+                with open(path, "wb") as handle:
+                    np.save(handle, arr, allow_pickle=False)
+                digests[path.name] = file_sha256(path)  # re-read from page cache, hashes exactly what is on disk
+            info = ShardInfo(name=final.name, rows=int(cast["experts"].shape[0]), sha256=digests)
+            meta = {"rows": info.rows, "sha256": info.to_dict()["sha256"]}
+            (tmp / SHARD_META_FILE).write_bytes(json.dumps(meta, sort_keys=True, indent=2).encode())
         return info
 
     def shard_info(self, index: int) -> ShardInfo:
-        meta_path = self.directory / _shard_name(index) / "meta.json"
+        meta_path = self.directory / _shard_name(index) / SHARD_META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"shard {index} of split {self.split!r} is not written: no {meta_path}")
         meta = json.loads(meta_path.read_text())
@@ -251,7 +199,7 @@ class SplitWriter:
             elif signature != reference:
                 raise ValueError(
                     f"{self.directory / info.name} has fields/trailing shapes {signature}, {infos[0].name} "
-                    f"has {reference}; delete {self.directory} and {_COLLECT_FIX}"
+                    f"has {reference}; delete {self.directory} and {COLLECT_FIX}"
                 )
             for name in _TOKEN_COLUMNS:
                 columns[name].append(np.asarray(shard[name]))
@@ -260,25 +208,15 @@ class SplitWriter:
         table = pa.table({"row": np.arange(rows, dtype=np.int64)} | columns_N)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        _atomic_write(self.directory / "tokens.parquet", sink.getvalue().to_pybytes())
+        atomic_write_bytes(self.directory / TOKENS_FILE, sink.getvalue().to_pybytes())
         return {"rows": rows, "shards": [info.to_dict() for info in infos]}
-
-
-def _manifest_problem(manifest: Any) -> str | None:
-    routing = manifest.get("routing") if isinstance(manifest, dict) else None
-    if not isinstance(routing, dict) or not set(routing) >= _ROUTING_KEYS:
-        return "manifest needs 'routing': {'num_experts', 'max_experts_per_token', 'layers': [names]}"
-    if not isinstance(manifest.get("splits"), dict):
-        return "manifest needs 'splits': {split name: SplitWriter.finalize(...) result}"
-    return None
 
 
 def write_manifest(root: Path | str, manifest: dict[str, Any]) -> Path:
     """Set ``manifest["schema_version"]`` and write ``root/manifest.json`` atomically (sorted keys)."""
-    if problem := _manifest_problem(manifest):
+    if problem := manifest_problem(manifest):
         raise ValueError(problem)
     manifest["schema_version"] = SCHEMA_VERSION
-    path = Path(root) / "manifest.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
+    path = Path(root) / MANIFEST_FILE
+    atomic_write_bytes(path, (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
     return path

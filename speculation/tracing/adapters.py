@@ -1,10 +1,12 @@
 """Model adapters: where a model's routers are and how to read one router call.
 
-The recorder is model-agnostic; everything family-specific lives in an adapter registered in :data:`ADAPTERS`.
-Adding a family means writing one adapter (find the router modules, turn a hook's inputs/output into a
-:class:`RouterCapture`, describe the expert geometry) and registering it; the recorder does not change.
+The recorder is model-agnostic; everything family-specific lives in an adapter. Adding a family means writing one
+adapter (find the router modules, turn a hook's inputs/output into a :class:`RouterCapture`, describe the expert
+geometry) and listing it in :data:`speculation.tracing.registry.ADAPTERS`; the recorder does not change. This module
+holds the interface and the embedded model's adapter; the HuggingFace families are in ``hf_adapters.py``.
 
-Shape legend: N tokens (the batch flattened row-major over (B, T)), E experts, K experts per token, D width.
+Shape legend (docs/glossary.md): N tokens (the batch flattened row-major over (B, T)), E experts, K experts per
+token, H hidden width.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ class RouterCapture:
     experts_NK: torch.Tensor  # selected experts, -1 = dropped/unused
     gates_NK: torch.Tensor  # weights applied to the experts' outputs
     dropped_NK: torch.Tensor  # bool: chosen but dropped for capacity
-    hidden_ND: torch.Tensor  # the hidden state entering the router
+    hidden_NH: torch.Tensor  # the hidden state entering the router
 
 
 class ModelAdapter:
-    """Family-specific knowledge the recorder needs. Subclass once per model family and register it."""
+    """Family-specific knowledge the recorder needs. Subclass once per model family and list it in the registry."""
 
     family: str = ""
 
@@ -69,27 +71,6 @@ class ModelAdapter:
         return {"score": "softmax"}
 
 
-ADAPTERS: dict[str, ModelAdapter] = {}
-
-
-def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
-    """Add ``adapter`` to the registry under its family name (later registrations win)."""
-    ADAPTERS[adapter.family] = adapter
-    return adapter
-
-
-def find_adapter(model: nn.Module) -> ModelAdapter:
-    """The registered adapter that recognises ``model``; one clear error otherwise."""
-    import speculation.tracing.hf_adapters  # noqa: F401  (registers the HuggingFace families on first use)
-
-    for adapter in ADAPTERS.values():
-        if adapter.matches(model):
-            return adapter
-    raise ValueError(
-        f"{type(model).__name__} is not a supported MoE model; supported families: {', '.join(sorted(ADAPTERS))}."
-    )
-
-
 class EmbeddedSwitchAdapter(ModelAdapter):
     """Our own :class:`~speculation.models.switch_lm.SwitchLM`: its routers return a ``RouterOutput``."""
 
@@ -110,14 +91,14 @@ class EmbeddedSwitchAdapter(ModelAdapter):
         ]
 
     def capture(self, site: RouterSite, args: tuple, kwargs: dict, output: Any) -> RouterCapture:
-        hidden_BTD = args[0] if args else kwargs["x_BTD"]
-        num_tokens = hidden_BTD.shape[0] * hidden_BTD.shape[1]
+        hidden_BTH = args[0] if args else kwargs["x_BTH"]
+        num_tokens = hidden_BTH.shape[0] * hidden_BTH.shape[1]
         return RouterCapture(
             logits_NE=output.logits_BTE.reshape(num_tokens, -1),
             experts_NK=output.experts_BTK.reshape(num_tokens, -1),
             gates_NK=output.gates_BTK.reshape(num_tokens, -1),
             dropped_NK=output.dropped_BTK.reshape(num_tokens, -1),
-            hidden_ND=hidden_BTD.reshape(num_tokens, -1),
+            hidden_NH=hidden_BTH.reshape(num_tokens, -1),
         )
 
     def routing_meta(self, model: nn.Module) -> dict[str, Any]:
@@ -139,6 +120,3 @@ class EmbeddedSwitchAdapter(ModelAdapter):
             "bytes_per_expert": 2 * cfg.d_model * cfg.d_ff * bytes_per_param,  # wi and wo, no biases
             "vocab_size": cfg.vocab_size,
         }
-
-
-register_adapter(EmbeddedSwitchAdapter())

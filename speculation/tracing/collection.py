@@ -1,7 +1,8 @@
 """Run sequences through a model under the recorder and write one trace store per token stream.
 
-``traces/`` holds the stream whose routing a decode step needs (the decoder; the only stack of decoder-only
-models). An encoder-decoder model's encoder stream goes to ``traces/encoder/``, a store of its own.
+``Workdir.traces()`` holds the stream whose routing a decode step needs (the decoder; the only stack of
+decoder-only models). An encoder-decoder model's encoder stream goes to ``Workdir.traces("encoder")``, a store of
+its own.
 
 The batch plan is a pure function of the documents and the trace config, and every shard holds whole batches,
 so a run that resumes after a kill (skipping finished shards) feeds the model exactly the batches an
@@ -23,23 +24,25 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from speculation.config import TraceConfig
+from speculation.config.collect import TraceConfig
 from speculation.corpus import Document
 from speculation.health import RouterHealth
-from speculation.io import atomic_write_text
-from speculation.plots import utilisation_heatmap
+from speculation.identity import claim_identity
+from speculation.io import atomic_path, atomic_write_json
+from speculation.plots import save_figure, utilisation_heatmap
 from speculation.traces import TRACE_FIELDS, SplitWriter, write_manifest
 from speculation.tracing.feeders import Chunk, make_chunks, sample_order
 from speculation.tracing.recorder import RoutingRecorder
-
-MANIFEST_FILE = "manifest.json"
-IDENTITY_FILE = "identity.json"
-ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
-PRIMARY_STACK = "decoder"
-
-
-def stack_dir(traces_dir: Path, stack: str) -> Path:
-    return traces_dir if stack == PRIMARY_STACK else traces_dir / stack
+from speculation.workdir import (
+    DOCUMENTS_FILE,
+    FIGURES_DIR,
+    IDENTITY_FILE,
+    MANIFEST_FILE,
+    PRIMARY_STACK,
+    ROUTER_WEIGHTS_FILE,
+    SUMMARY_FILE,
+    Workdir,
+)
 
 
 @torch.no_grad()
@@ -85,22 +88,6 @@ def trace_split(
     return {stack: writer.finalize(len(shards)) for stack, writer in writers.items()}
 
 
-def check_trace_identity(traces_dir: Path, identity: dict) -> None:
-    """Refuse to resume into a trace dir recorded with another model or trace config (shards would mix)."""
-    path = traces_dir / IDENTITY_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != identity:
-            changed = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
-            raise ValueError(
-                f"{traces_dir} holds traces of a different model or trace config (differs in: {', '.join(changed)}). "
-                f"Use another workdir, or delete {traces_dir} to re-trace."
-            )
-    else:
-        traces_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True))
-
-
 def save_router_weights(recorder: RoutingRecorder, path: Path) -> None:
     """Every router's parameters, keyed ``<layer label>.<param>``, for the gate-lookahead baseline."""
     tensors = {
@@ -108,22 +95,17 @@ def save_router_weights(recorder: RoutingRecorder, path: Path) -> None:
         for site in recorder.sites
         for name, tensor in recorder.adapter.router_state(site).items()
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": recorder.adapter.family})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": recorder.adapter.family})
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
-
-
-def _stack_manifest(recorder: RoutingRecorder, model: nn.Module, traces_dir: Path, stacks: Sequence[str]) -> dict:
+def _stack_manifest(recorder: RoutingRecorder, model: nn.Module, workdir: Workdir, stacks: Sequence[str]) -> dict:
     geometry = recorder.adapter.geometry(model)
     hidden_size = geometry["d_model"] if recorder.hidden_sites else 0
-    root = stack_dir(traces_dir, recorder.stack)
+    root = workdir.traces(recorder.stack)
     return {
         "stack": recorder.stack,
-        "other_stacks": {s: os.path.relpath(stack_dir(traces_dir, s), root) for s in stacks if s != recorder.stack},
+        "other_stacks": {s: os.path.relpath(workdir.traces(s), root) for s in stacks if s != recorder.stack},
         "adapter": recorder.adapter.family,
         "geometry": geometry,
         "routing": {
@@ -144,7 +126,7 @@ def collect_traces(
     split_documents: dict[str, list[Document]],
     split_ids: dict[str, list[np.ndarray]],
     cfg: TraceConfig,
-    traces_dir: Path,
+    workdir: Workdir,
     identity: dict,
     manifest_extra: dict,
     device: torch.device,
@@ -154,10 +136,17 @@ def collect_traces(
 
     Returns the primary stack's summary: router health per split and over all splits.
     """
-    check_trace_identity(traces_dir, identity)
+    traces_dir = workdir.traces()
+    traces_dir.mkdir(parents=True, exist_ok=True)
+    claim_identity(
+        traces_dir / IDENTITY_FILE,
+        identity,
+        holds="traces of a different model or trace config",
+        fix=f"Use another workdir, or delete {traces_dir} to re-trace.",
+    )
     stacks = feeder.stacks
     for stack in stacks:  # until the end, no store may look complete
-        (stack_dir(traces_dir, stack) / MANIFEST_FILE).unlink(missing_ok=True)
+        (workdir.traces(stack) / MANIFEST_FILE).unlink(missing_ok=True)
     hidden_sites = cfg.hidden_layers if cfg.save_hidden else []
     recorders = {stack: RoutingRecorder(model, stack=stack, hidden_sites=hidden_sites) for stack in stacks}
     num_experts = recorders[PRIMARY_STACK].adapter.geometry(model)["num_experts"]
@@ -174,7 +163,7 @@ def collect_traces(
             ids = [split_ids[split][i] for i in order]
             chunks = make_chunks(ids, cfg.seq_len, cfg.max_tokens_per_split, min_tokens=feeder.min_tokens)
             healths = {stack: RouterHealth(recorders[stack].layer_labels, num_experts) for stack in stacks}
-            writers = {stack: SplitWriter(stack_dir(traces_dir, stack), split) for stack in stacks}
+            writers = {stack: SplitWriter(workdir.traces(stack), split) for stack in stacks}
             split_entries = trace_split(
                 model, feeder, recorders, writers, healths, chunks, cfg.batch_size, cfg.batches_per_shard, device
             )
@@ -191,23 +180,25 @@ def collect_traces(
         for recorder in recorders.values():
             recorder.detach()
 
-    pd.DataFrame(doc_rows).to_parquet(traces_dir / "documents.parquet.tmp", index=False)
-    os.replace(traces_dir / "documents.parquet.tmp", traces_dir / "documents.parquet")
+    with atomic_path(traces_dir / DOCUMENTS_FILE) as tmp:
+        pd.DataFrame(doc_rows).to_parquet(tmp, index=False)
     for stack in stacks:
-        root, recorder = stack_dir(traces_dir, stack), recorders[stack]
+        root, recorder = workdir.traces(stack), recorders[stack]
         save_router_weights(recorder, root / ROUTER_WEIGHTS_FILE)
         summaries[stack]["overall"] = overall[stack].summary()
-        _write_json(root / "summary.json", summaries[stack])
-        heatmap = utilisation_heatmap(
-            overall[stack].expert_load_matrix(),
-            recorder.layer_labels,
-            root / "figures" / "expert_utilisation.png",
-            title=f"{stack} expert utilisation (uniform = {1 / num_experts:.3f})",
+        atomic_write_json(root / SUMMARY_FILE, summaries[stack], sort_keys=True, default=str)
+        heatmap = save_figure(
+            utilisation_heatmap(
+                overall[stack].expert_load_matrix(),
+                recorder.layer_labels,
+                title=f"{stack} expert utilisation (uniform = {1 / num_experts:.3f})",
+            ),
+            root / FIGURES_DIR / "expert_utilisation.png",
         )
         manifest = {
             **manifest_extra,
-            **_stack_manifest(recorder, model, traces_dir, stacks),
-            "documents": os.path.relpath(traces_dir / "documents.parquet", root),
+            **_stack_manifest(recorder, model, workdir, stacks),
+            "documents": os.path.relpath(traces_dir / DOCUMENTS_FILE, root),
             "trace_config": identity["trace"],
             "splits": entries[stack],
             "figures": {"expert_utilisation": str(heatmap.relative_to(root))},

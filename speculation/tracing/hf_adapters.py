@@ -11,7 +11,8 @@ Two kinds of router are covered:
   groups, DeepSeek-V2 limits groups too, so the top-k of the logits is not always what ran.
 
 transformers is imported lazily (when a model's routers are looked up), so importing this module is cheap.
-Shape legend: B batch, T time, N = B*T tokens (row-major), E experts, K experts per token, D width.
+Shape legend (docs/glossary.md): B batch, T tokens, N = B*T tokens (row-major), E experts, K experts per token,
+H hidden width.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from speculation.tracing.adapters import ModelAdapter, RouterCapture, RouterSite, register_adapter
+from speculation.tracing.adapters import ModelAdapter, RouterCapture, RouterSite
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -143,7 +144,7 @@ class SwitchTransformersAdapter(_HFAdapter):
 
     def capture(self, site: RouterSite, args: tuple, kwargs: dict, output: Any) -> RouterCapture:
         dispatch_BTE, max_prob_BT1, logits_BTE = output
-        hidden_BTD = args[0] if args else kwargs["hidden_states"]
+        hidden_BTH = args[0] if args else kwargs["hidden_states"]
         num_experts = logits_BTE.shape[-1]
         dispatch_NE = dispatch_BTE.reshape(-1, num_experts)
         # The one-hot is already masked by capacity: an all-zero row is a token whose expert was full.
@@ -155,7 +156,7 @@ class SwitchTransformersAdapter(_HFAdapter):
             experts_NK=experts_N1,
             gates_NK=gates_N1,
             dropped_NK=~kept_N1,
-            hidden_ND=hidden_BTD.reshape(-1, hidden_BTD.shape[-1]),
+            hidden_NH=hidden_BTH.reshape(-1, hidden_BTH.shape[-1]),
         )
 
     def geometry(self, model: nn.Module) -> dict[str, Any]:
@@ -231,7 +232,7 @@ class TopKRouterAdapter(_HFAdapter):
             experts_NK=experts_NK,
             gates_NK=gates_NK,
             dropped_NK=torch.zeros_like(experts_NK, dtype=torch.bool),  # no capacity: nothing is dropped
-            hidden_ND=hidden.reshape(-1, hidden.shape[-1]),
+            hidden_NH=hidden.reshape(-1, hidden.shape[-1]),
         )
 
     def geometry(self, model: nn.Module) -> dict[str, Any]:
@@ -265,27 +266,3 @@ class TopKRouterAdapter(_HFAdapter):
         meta.update({key: getattr(router, attr) for attr, key in _ROUTER_KNOBS.items() if hasattr(router, attr)})
         meta.update(self.meta)
         return meta
-
-
-SWITCH_ADAPTER = register_adapter(SwitchTransformersAdapter())
-TOPK_ADAPTERS = {
-    adapter.family: register_adapter(adapter)
-    for adapter in (
-        TopKRouterAdapter("mixtral", "MixtralTopKRouter", {"norm_topk_prob": True}),
-        TopKRouterAdapter("qwen2_moe", "Qwen2MoeTopKRouter"),
-        TopKRouterAdapter("qwen3_moe", "Qwen3MoeTopKRouter"),
-        TopKRouterAdapter("olmoe", "OlmoeTopKRouter"),
-        # V2: softmax, greedy or group_limited_greedy (group score = max prob in the group), weights * scale.
-        TopKRouterAdapter("deepseek_v2", "DeepseekV2TopkRouter", {"group_score": "max"}, sorted_topk=False),
-        # V3: select on sigmoid + e_score_correction_bias within the topk_group best groups (group score = sum of
-        # its top-2), weigh with the unbiased sigmoid scores, optionally renormalised, times the scale.
-        TopKRouterAdapter(
-            "deepseek_v3",
-            "DeepseekV3TopkRouter",
-            {"score": "sigmoid", "topk_method": "noaux_tc", "group_score": "top2_sum"},
-            sorted_topk=False,
-        ),
-        # GPT-OSS: top-k of biased logits, softmax over those k = softmax probs renormalised over the top-k.
-        TopKRouterAdapter("gpt_oss", "GptOssTopKRouter", {"norm_topk_prob": True}),
-    )
-}

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from speculation.tracing.adapters import ModelAdapter, RouterSite, find_adapter
+from speculation.tracing.adapters import ModelAdapter, RouterSite
+from speculation.tracing.registry import find_adapter
 
 
 class RoutingRecorder:
@@ -120,7 +121,7 @@ class RoutingRecorder:
             "dropped": torch.stack([c.dropped_NK for c in captures], dim=1).bool(),
         }
         if self.hidden_sites:
-            fields["hidden"] = torch.stack([captures[i].hidden_ND for i in self.hidden_sites], dim=1).float()
+            fields["hidden"] = torch.stack([captures[i].hidden_NH for i in self.hidden_sites], dim=1).float()
         self._captures.clear()
         if not bool(keep_N.all()):  # full batches (the common case) skip the gather
             rows_N = keep_N.nonzero().squeeze(1)

@@ -3,7 +3,9 @@
 ``collect`` (trace the source model), ``train`` (one learned predictor per kind in ``predictors``), ``evaluate``
 (them, every heuristic and baseline, on held-out documents; then the prefetch-cache simulation) and
 ``eval/report.md``. Each stage is the same pure function its own console script wraps, so ``spec-pipeline X=Y``
-equals running the stages one by one with X=Y.
+equals running the stages one by one with X=Y. The rules between the evaluation config and the traced geometry are
+checked before the first stage where the geometry is known from the config (the embedded model), and right after
+collection otherwise, so a config that cannot be evaluated fails before any training.
 """
 
 from __future__ import annotations
@@ -11,17 +13,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from collect.main import collect
-from evaluate.main import evaluate
-from speculation.config import CONF_DIR, PipelineConfig, to_object
-from train.main import train
+from speculation.config import CONF_DIR, to_object
+from speculation.config.model import ModelKind
+from speculation.config.rules import Geometry, check_evaluation
+from speculation.config.stages import PipelineConfig
+from speculation.stages.collect import collect
+from speculation.stages.evaluate import evaluate, open_traces
+from speculation.stages.train import train
+from speculation.workdir import REPORT_FILE, Workdir
 
 log = logging.getLogger(__name__)
+
+
+def check_embedded_geometry(cfg: PipelineConfig) -> None:
+    """The evaluation rules against the embedded model's geometry, known before anything is trained."""
+    if cfg.model.kind == ModelKind.embedded and cfg.eval.stack == "decoder":
+        geometry = Geometry(len(cfg.model.moe_layers), cfg.model.num_experts, cfg.router.max_experts_per_token)
+        check_evaluation(cfg.eval, cfg.sim, geometry, f"the traces of model={cfg.model.display_name}")
+
+
+def collect_and_check(cfg: PipelineConfig) -> None:
+    collect(cfg)
+    open_traces(cfg)  # the traced geometry: HF models' rules are checked here, before any training
 
 
 def train_all(cfg: PipelineConfig) -> None:
@@ -33,12 +50,13 @@ def train_all(cfg: PipelineConfig) -> None:
 
 
 # PipelineConfig extends every stage's config, so each stage function takes it as is.
-STAGES = {"collect": collect, "train": train_all, "evaluate": evaluate}
+STAGES = {"collect": collect_and_check, "train": train_all, "evaluate": evaluate}
 
 
 def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:
     """Run every stage; returns each stage's wall time in seconds."""
     cfg = to_object(cfg, PipelineConfig)
+    check_embedded_geometry(cfg)
     timings = {}
     for name, stage in STAGES.items():
         started = time.perf_counter()
@@ -46,7 +64,7 @@ def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:
         stage(cfg)
         timings[name] = time.perf_counter() - started
         log.info("stage %s done in %.1f s", name, timings[name])
-    log.info("pipeline done: %s; report: %s", timings, Path(cfg.workdir) / "eval" / "report.md")
+    log.info("pipeline done: %s; report: %s", timings, Workdir(cfg.workdir).eval() / REPORT_FILE)
     return timings
 
 

@@ -1,5 +1,5 @@
-"""Config schemas of the prefetch-cache simulation: the GPU (``conf/hardware/``), the model whose experts are
-moved (``conf/target/``) and the sweep (``conf/sim/``).
+"""Schemas of the prefetch-cache simulation: the GPU (``conf/hardware/``), the model whose experts are moved
+(``conf/target/``) and the sweep (``conf/sim/``).
 
 The traces supply *which* experts each token needs at each MoE layer; the target supplies *how big* they are and
 how long the rest of the layer takes, so a small traced model is replayed at a real model's sizes.
@@ -7,13 +7,13 @@ how long the rest of the layer takes, so a small traced model is replayed at a r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from speculation.checks import positive, require
+from speculation.config.checks import positive, require
 
 POLICIES = ["on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence", "oracle"]
-EVICTIONS = ["lru", "lfu", "belady", "predicted"]
+EVICTIONS = ["lru", "lfu", "belady", "predicted"]  # in the order of the event loop's codes (cache/kernel.py)
 
 
 @dataclass
@@ -44,7 +44,8 @@ class HardwareConfig:
 class TargetConfig:
     """The model whose experts are offloaded: sizes of one expert and of the dense work around it.
 
-    ``name: traced`` takes d_model, d_ff, bytes per parameter from the trace manifest (the traced model itself).
+    ``name: traced`` takes d_model and d_ff from the trace manifest (the traced model itself; see
+    :func:`speculation.cache.timing.resolve_target`).
     """
 
     name: str = "switch-base-8"
@@ -72,25 +73,6 @@ class TargetConfig:
     @property
     def expert_bytes(self) -> int:
         return self.expert_params * self.bytes_per_param
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], base: TargetConfig) -> TargetConfig:
-        """The traced model's own sizes (``target=traced``); the dense-work fields keep ``base``'s values."""
-        geometry = manifest["geometry"]
-        d_model = int(geometry["d_model"])
-        return cls(
-            name=str(manifest["model"]["name"]),
-            d_model=d_model,
-            d_ff=int(geometry["d_ff"]),
-            expert_matrices=base.expert_matrices,
-            bytes_per_param=base.bytes_per_param,
-            blocks_per_moe_layer=base.blocks_per_moe_layer,
-            attention_params=4 * d_model * d_model,
-            dense_d_ff=int(geometry["d_ff"]) if base.dense_d_ff else 0,
-            kernels_per_block=base.kernels_per_block,
-            vocab_size=int(manifest.get("model", {}).get("vocab_size") or base.vocab_size),
-            num_experts=int(geometry["num_experts"]),
-        )
 
 
 @dataclass
@@ -134,3 +116,18 @@ class SimConfig:
                 "low <= high.",
             )
         require(self.predictor_us >= 0, f"sim.predictor_us={self.predictor_us} must be >= 0.")
+        require(
+            any(math.isclose(self.headline_fraction, f) for f in self.cache_fractions),
+            f"sim.headline_fraction={self.headline_fraction} is not one of sim.cache_fractions={self.cache_fractions}; "
+            "add it to sim.cache_fractions or pick one of those.",
+        )
+        require(
+            self.headline_lookahead in self.lookaheads,
+            f"sim.headline_lookahead={self.headline_lookahead} is not one of sim.lookaheads={self.lookaheads}; "
+            "add it to sim.lookaheads or pick one of those.",
+        )
+
+    @property
+    def headline_cache_fraction(self) -> float:
+        """The swept fraction the report's main table shows (``headline_fraction`` as it stands in the sweep)."""
+        return next(f for f in self.cache_fractions if math.isclose(f, self.headline_fraction))

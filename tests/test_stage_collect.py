@@ -1,4 +1,5 @@
-"""``spec-collect`` end to end on a tiny config: store contents, resume after a crash, clear errors."""
+"""The collect stage (``speculation.stages.collect``) end to end on the shared tiny workdir: store contents,
+resume after a crash, clear errors."""
 
 from __future__ import annotations
 
@@ -13,21 +14,16 @@ import pytest
 import torch
 from conftest import TINY_COLLECT, compose_config
 
-from collect.main import collect
 from speculation.models.source import load_source_model
+from speculation.stages.collect import collect
 from speculation.traces import SplitWriter, TraceStore
 from speculation.tracing.recorder import RoutingRecorder
-
-TINY = [
-    *TINY_COLLECT,
-    "source_train.checkpoint_every=3",
-    "trace.batches_per_shard=2",
-    "trace.max_tokens_per_split=1200",
-]
+from speculation.workdir import DOCUMENTS_FILE, MANIFEST_FILE, SUMMARY_FILE, Workdir
 
 
 def tiny_config(workdir: Path, *extra: str):
-    return compose_config("collect", [*TINY, f"workdir={workdir}", *extra])
+    """The config the shared ``collected`` workdir was built with, for another workdir."""
+    return compose_config("collect", [*TINY_COLLECT, f"workdir={workdir}", *extra])
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -38,39 +34,34 @@ def file_hashes(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def collected(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("collect")
-    collect(tiny_config(workdir))
-    return workdir
-
-
 def test_store_holds_every_split_with_consistent_geometry(collected):
-    store = TraceStore.open(collected / "traces")
-    assert store.splits == ["test", "train", "val"] or sorted(store.splits) == ["test", "train", "val"]
+    traces = Workdir(collected).traces()
+    store = TraceStore.open(traces)
+    assert store.splits == ["test", "train", "val"]
     assert store.num_experts == 8 and store.max_experts_per_token == 1
     assert store.layer_names == ["decoder.1", "decoder.3", "decoder.5", "decoder.7"]
-    assert store.manifest["geometry"]["bytes_per_expert"] == 2 * 32 * 64 * 4
+    assert store.manifest.geometry["bytes_per_expert"] == 2 * 32 * 64 * 4
+    assert store.manifest.hidden.layers == [0, 1, 2, 3] and store.manifest.hidden.size == 32
     for name in ("train", "val", "test"):
         split = store.split(name)
-        assert 1200 <= split.num_rows < 1200 + 64  # the budget, overshot by less than one sequence
+        assert 1500 <= split.num_rows < 1500 + 64  # the budget, overshot by less than one sequence
         experts = split.array("experts")
         assert experts.shape == (split.num_rows, 4, 1) and experts.min() >= 0  # top-1, no dropping
         assert split.array("hidden").shape == (split.num_rows, 4, 32)
-    assert (collected / "traces" / "figures" / "expert_utilisation.png").stat().st_size > 0
-    summary = json.loads((collected / "traces" / "summary.json").read_text())
+    assert (traces / "figures" / "expert_utilisation.png").stat().st_size > 0
+    summary = json.loads((traces / SUMMARY_FILE).read_text())
     layer = summary["overall"]["layers"]["decoder.1"]
     assert sum(layer["expert_load"]) == pytest.approx(1.0)
     assert 1 / 8 <= layer["load_balance_score"] <= 1.0
 
 
 def test_traces_are_the_models_routing_of_the_recorded_tokens(collected):
-    store = TraceStore.open(collected / "traces")
+    store = TraceStore.open(Workdir(collected).traces())
     split = store.split("val")
     seq = split.array("seq")
     rows = np.flatnonzero(seq == seq[0])
     tokens = torch.from_numpy(split.rows(rows)["token"].astype(np.int64))[None]
-    model = load_source_model(collected / "source_model")
+    model = load_source_model(Workdir(collected).source_model)
     with torch.no_grad(), RoutingRecorder(model) as recorder:
         model(tokens)
         fresh = recorder.collect(torch.ones_like(tokens, dtype=torch.bool))
@@ -80,15 +71,15 @@ def test_traces_are_the_models_routing_of_the_recorded_tokens(collected):
 
 
 def test_no_document_appears_in_two_splits(collected):
-    documents = pd.read_parquet(collected / "traces" / "documents.parquet")
+    documents = pd.read_parquet(Workdir(collected).traces() / DOCUMENTS_FILE)
     assert documents.groupby("doc_id")["split"].nunique().max() == 1
     assert set(documents["split"]) == {"train", "val", "test"}
 
 
-def test_rerun_reuses_everything_and_changes_no_file(collected):
-    before = file_hashes(collected / "traces")
-    collect(tiny_config(collected))
-    assert file_hashes(collected / "traces") == before
+def test_rerun_reuses_everything_and_changes_no_file(workdir):
+    before = file_hashes(workdir / "traces")
+    collect(tiny_config(workdir))
+    assert file_hashes(workdir / "traces") == before
 
 
 def test_resume_after_a_crash_mid_split_gives_identical_files(collected, tmp_path, monkeypatch):
@@ -108,7 +99,7 @@ def test_resume_after_a_crash_mid_split_gives_identical_files(collected, tmp_pat
     monkeypatch.setattr(SplitWriter, "write_shard", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         collect(tiny_config(workdir))
-    assert not (workdir / "traces" / "manifest.json").exists()  # an interrupted store never looks complete
+    assert not (workdir / "traces" / MANIFEST_FILE).exists()  # an interrupted store never looks complete
     with pytest.raises(FileNotFoundError, match="spec-collect"):
         TraceStore.open(workdir / "traces")
     monkeypatch.setattr(SplitWriter, "write_shard", real_write)
@@ -116,9 +107,9 @@ def test_resume_after_a_crash_mid_split_gives_identical_files(collected, tmp_pat
     assert file_hashes(workdir / "traces") == file_hashes(collected / "traces")
 
 
-def test_traces_of_another_config_are_refused(collected):
-    with pytest.raises(ValueError, match=r"different model or trace config.*trace"):
-        collect(tiny_config(collected, "trace.seq_len=32", "source_train.seq_len=64"))
+def test_traces_of_another_config_are_refused(workdir):
+    with pytest.raises(ValueError, match=r"different model or trace config \(differs in: trace.seq_len\)"):
+        collect(tiny_config(workdir, "trace.seq_len=32"))
 
 
 def test_empty_corpus_is_one_clear_error_and_writes_nothing(tmp_path):
@@ -128,7 +119,7 @@ def test_empty_corpus_is_one_clear_error_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"blank|no documents|empty") as err:
         collect(tiny_config(workdir, "corpus=text_files", f"corpus.glob={tmp_path}/docs/*.txt"))
     assert "\n" not in str(err.value)
-    assert not (workdir / "traces" / "manifest.json").exists()
+    assert not (workdir / "traces" / MANIFEST_FILE).exists()
 
 
 def test_split_too_small_for_a_split_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
-"""Build the methods an evaluation scores: heuristics/baselines by name, trained predictors from their dirs.
+"""Build the methods an evaluation or a simulation runs: heuristics and baselines by name, trained predictors from
+their run directories.
 
-A trained predictor's directory (``workdir/predictors/<run>/``) holds ``predictor.json`` with at least
+A trained predictor's directory (``Workdir.run(name)``) holds ``predictor.json`` with at least
 ``{"type": ..., "name": ..., "traces_fingerprint": ...}``. The fingerprint ties it to the traced model: scoring
 a predictor on another model's traces is refused, since its expert ids would mean nothing there.
 """
@@ -11,11 +12,11 @@ import inspect
 import json
 from pathlib import Path
 
-from speculation.evaluation.runner import traces_fingerprint
 from speculation.predictors import HEURISTICS
 from speculation.predictors.base import Predictor
 from speculation.predictors.trained import TrainedPredictor
 from speculation.traces import TraceStore
+from speculation.workdir import PREDICTOR_FILE
 
 # Trained predictor types by predictor.json "type": each class provides ``from_dir(path, store)``.
 TRAINED_PREDICTORS: dict[str, type] = {"learned": TrainedPredictor}
@@ -24,11 +25,10 @@ TRAINED_PREDICTORS: dict[str, type] = {"learned": TrainedPredictor}
 def build_heuristics(names: list[str], store: TraceStore, seed: int) -> tuple[list[Predictor], dict[str, str]]:
     """The named heuristics/baselines, and the ones that cannot run on these traces with the reason."""
     methods, skipped = [], {}
-    hidden_layers = set(store.manifest.get("hidden", {}).get("layers", []))
     for name in names:
         cls = HEURISTICS[name]
         if name == "gate_lookahead":
-            missing = sorted(set(range(len(store.layer_names) - 1)) - hidden_layers)
+            missing = store.manifest.missing_hidden(range(store.num_layers - 1))
             if missing:
                 skipped[name] = (
                     f"the hidden states of MoE layers {missing} were not traced; re-collect with "
@@ -44,21 +44,22 @@ def build_heuristics(names: list[str], store: TraceStore, seed: int) -> tuple[li
 
 
 def load_trained_predictors(directory: Path, store: TraceStore) -> list[Predictor]:
-    """Every trained predictor under ``directory`` (none if it does not exist), checked against the traces."""
+    """Every trained predictor under ``directory`` (``Workdir.predictors``; none if it does not exist), checked
+    against the traces."""
     if not directory.is_dir():
         return []
     predictors = []
-    fingerprint = traces_fingerprint(store)
+    fingerprint = store.manifest.fingerprint()
     for run_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
-        meta_path = run_dir / "predictor.json"
+        meta_path = run_dir / PREDICTOR_FILE
         if not meta_path.is_file():
             continue  # a run still training (or killed) has no predictor.json yet
         meta = json.loads(meta_path.read_text())
         if meta.get("traces_fingerprint") != fingerprint:
-            model = store.manifest.get("model", {}).get("name")
             raise ValueError(
                 f"predictor {run_dir} was trained on traces of another model ({meta.get('model', 'unknown')}) than "
-                f"{store.root} ({model}); evaluate it in its own workdir, or retrain it on these traces."
+                f"{store.root} ({store.manifest.model_name}); evaluate it in its own workdir, or retrain it on these "
+                "traces."
             )
         kind = meta.get("type")
         if kind not in TRAINED_PREDICTORS:

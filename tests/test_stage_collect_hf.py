@@ -1,4 +1,4 @@
-"""``spec-collect model=hf`` end to end, offline, on a tiny saved checkpoint of every supported family.
+"""The collect stage with ``model=hf``, offline, on a tiny saved checkpoint of every supported family.
 
 The stored traces must be what the model itself reports: logits equal to its ``output_router_logits`` (up to the
 store's float16) and experts equal to an independent re-derivation of what its routers selected.
@@ -14,9 +14,9 @@ import torch
 from conftest import compose_config
 from hf_tiny import FAMILIES, save_tiny
 
-from collect.main import collect
-from speculation.config import ModelConfig, ModelKind
+from speculation.config.model import ModelConfig, ModelKind
 from speculation.models.hf import load_hf_model
+from speculation.stages.collect import collect
 from speculation.traces import TraceStore
 
 # Families whose selection is plain top-k of the logits. Switch (capacity) and DeepSeek (group limits, V3's
@@ -50,7 +50,7 @@ def test_trace_store_matches_the_models_own_router_outputs(collected):
     family, checkpoint, workdir = collected
     model, _ = load_hf_model(ModelConfig(kind=ModelKind.hf, path=str(checkpoint)), torch.device("cpu"))
     store = TraceStore.open(workdir / "traces")
-    assert store.manifest["adapter"] == family and store.manifest["stack"] == "decoder"
+    assert store.manifest.adapter == family and store.manifest.stack == "decoder"
     split = store.split("test")
     seq = split.array("seq")
     rows = split.rows(np.flatnonzero(seq == seq[0]))
@@ -84,7 +84,7 @@ def test_trace_store_matches_the_models_own_router_outputs(collected):
                 arrival = np.cumsum(np.eye(expected.shape[-1], dtype=int)[choice], axis=0)[
                     np.arange(len(choice)), choice
                 ]
-                capacity = store.manifest["routing"]["expert_capacity"]
+                capacity = store.manifest.raw["routing"]["expert_capacity"]
                 selected = np.where(arrival <= capacity, choice, -1)
                 np.testing.assert_array_equal(stored[stack]["experts"][:, layer, 0], selected)
 
@@ -107,8 +107,8 @@ def test_switch_records_drops_and_both_stacks(tmp_path):
     collect(compose_config("collect", [*OVERRIDES, f"model.path={checkpoint}", f"workdir={tmp_path / 'work'}"]))
     decoder = TraceStore.open(tmp_path / "work" / "traces")
     encoder = TraceStore.open(tmp_path / "work" / "traces" / "encoder")
-    assert decoder.manifest["other_stacks"] == {"encoder": "encoder"}
-    assert encoder.manifest["other_stacks"] == {"decoder": ".."} and encoder.manifest["stack"] == "encoder"
+    assert decoder.manifest.raw["other_stacks"] == {"encoder": "encoder"}
+    assert encoder.manifest.raw["other_stacks"] == {"decoder": ".."} and encoder.manifest.stack == "encoder"
     assert all(name.startswith("encoder.") for name in encoder.layer_names)
     for store in (decoder, encoder):
         split = store.split("train")

@@ -1,0 +1,99 @@
+"""The simulation's tables as DataFrames: what report.md shows and what notebooks analyse, computed once.
+
+Every function takes the seed-averaged table of :func:`seed_groups` (or simulation.csv's frame for it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from speculation.config.stages import seed_group
+
+KEY = ["policy", "predictor", "eviction", "budget", "lookahead", "cache_fraction"]
+SHOWN = ["ms_per_token", "compute_ms", "stall_ms", "hit_rate", "bytes_moved", "wasted_bytes",
+         "speedup_vs_on_demand", "oracle_gain_fraction", "bound_ms"]  # fmt: skip
+
+
+def seed_groups(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean over the seeds of each predictor (``<kind>-seed<n>`` → ``<kind>``), with the seed count."""
+    predictor = frame["predictor"].fillna("").map(seed_group)
+    grouped = frame.assign(predictor=predictor)
+    table = grouped.groupby(KEY, sort=False)[SHOWN].mean()
+    table["seeds"] = grouped.groupby(KEY, sort=False).size()
+    return table.reset_index()
+
+
+def predictor_label(row: pd.Series) -> str:
+    """The predictor's name in the report, with its seed count when its rows average several runs."""
+    return f"{row['predictor']} ({int(row['seeds'])} seeds)" if row["seeds"] > 1 else row["predictor"]
+
+
+def headline(table: pd.DataFrame, fraction: float, lookahead: int) -> pd.DataFrame:
+    """Every policy at one cache fraction and lookahead (prefetching ones with LRU and prediction-aware eviction;
+    the oracle and on-demand with every eviction)."""
+    rows = table[(table["cache_fraction"] == fraction) & table["lookahead"].isin([0, lookahead])]
+    return rows[rows["policy"].isin(["on_demand", "oracle"]) | rows["eviction"].isin(["lru", "predicted"])]
+
+
+def ms_of(rows: pd.DataFrame, policy: str, eviction: str, lookahead: int) -> float:
+    """ms/token of one (policy, eviction, lookahead) among ``rows`` (NaN if it was not simulated)."""
+    row = rows[(rows["policy"] == policy) & (rows["eviction"] == eviction) & (rows["lookahead"] == lookahead)]
+    return float(row["ms_per_token"].iloc[0]) if len(row) else float("nan")
+
+
+def bounds(table: pd.DataFrame, lookahead: int) -> pd.DataFrame:
+    """Per cache fraction: pure compute, on-demand LRU, the computed bounds and the oracle (ms/token)."""
+    return pd.DataFrame(
+        [
+            {
+                "cache_fraction": fraction,
+                "pure_compute": rows["compute_ms"].min(),
+                "on_demand_lru": ms_of(rows, "on_demand", "lru", 0),
+                "bound_on_demand_belady": ms_of(rows, "on_demand", "belady", 0),
+                "bound_overlap": rows["bound_ms"].min(),
+                "oracle_lru": ms_of(rows, "oracle", "lru", lookahead),
+                "oracle_belady": ms_of(rows, "oracle", "belady", lookahead),
+            }
+            for fraction, rows in table.groupby("cache_fraction")
+        ]
+    )
+
+
+RUN = ["policy", "predictor", "seeds", "eviction", "budget"]  # what names one policy's row across cache sizes
+
+
+def sweep(table: pd.DataFrame, lookahead: int, eviction: str = "lru", column: str = "ms_per_token") -> pd.DataFrame:
+    """``column`` of every policy (rows: ``RUN``) across cache fractions (columns), at one lookahead and eviction."""
+    rows = table[(table["eviction"] == eviction) & table["lookahead"].isin([0, lookahead])]
+    return rows.pivot_table(index=RUN, columns="cache_fraction", values=column, sort=False)
+
+
+def equal_bytes(table: pd.DataFrame, fraction: float, lookahead: int, eviction: str = "lru") -> pd.DataFrame:
+    """The confidence-driven budget against the fixed top-B budgets at the same bytes moved.
+
+    A predictor's fixed budgets 0 (on demand), 1, 2, ... trace a bytes-vs-latency curve; mixing two adjacent
+    budgets token by token moves any amount of bytes in between at (about) the interpolated latency. The confidence
+    rule beats the fixed budgets when its latency is below that curve at its own bytes.
+    """
+    rows = table[(table["cache_fraction"] == fraction) & (table["eviction"] == eviction)]
+    on_demand = rows[rows["policy"] == "on_demand"]
+    out = []
+    for predictor, own in rows[rows["lookahead"] == lookahead].groupby("predictor", sort=False):
+        confident = own[own["policy"] == "predictor_confidence"]
+        fixed = pd.concat([on_demand, own[own["policy"] == "predictor_topb"]]).sort_values("bytes_moved")
+        if confident.empty or len(fixed) < 2:
+            continue
+        mb, ms = confident["bytes_moved"].item(), confident["ms_per_token"].item()
+        frontier = float(np.interp(mb, fixed["bytes_moved"], fixed["ms_per_token"]))
+        out.append({"predictor": predictor, "confidence_ms": ms, "bytes_moved": mb, "fixed_ms_at_equal_bytes": frontier,
+                    "difference_ms": ms - frontier})  # fmt: skip
+    return pd.DataFrame(out, columns=["predictor", "confidence_ms", "bytes_moved", "fixed_ms_at_equal_bytes",
+                                      "difference_ms"])  # fmt: skip
+
+
+def by_lookahead(table: pd.DataFrame, fraction: float, eviction: str = "lru") -> pd.DataFrame:
+    """Speedup over on-demand LRU of every prefetching policy at one cache size, per lookahead (columns)."""
+    rows = table[(table["cache_fraction"] == fraction) & (table["lookahead"] > 0) & (table["eviction"] == eviction)]
+    return rows.pivot_table(index=["policy", "predictor", "budget"], columns="lookahead",
+                            values="speedup_vs_on_demand", sort=False)  # fmt: skip

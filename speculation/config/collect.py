@@ -1,0 +1,94 @@
+"""Schemas of what ``spec-collect`` reads and records: ``conf/corpus/``, ``conf/source_train/``, ``conf/trace/``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from speculation.config.checks import positive, require
+
+
+class CorpusKind(StrEnum):
+    stdlib = "stdlib"  # the running interpreter's standard library sources
+    text_files = "text_files"  # a glob of the user's files
+    hf_dataset = "hf_dataset"  # datasets.load_dataset
+
+
+@dataclass
+class CorpusConfig:
+    """Where documents come from and how they are split (by document, from a hash of its id)."""
+
+    kind: CorpusKind = CorpusKind.stdlib
+    glob: str | None = None  # kind=text_files: e.g. "~/papers/**/*.txt"
+    dataset: str | None = None  # kind=hf_dataset: name or local path for datasets.load_dataset
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = None  # keep only the first N documents (sorted by id); None keeps all
+    max_document_chars: int | None = None  # truncate long documents
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_salt: str = "moe-speculation"  # changing it reshuffles the splits
+    tokenizer_min_frequency: int = 2
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+            f"corpus.val_fraction={self.val_fraction} and corpus.test_fraction={self.test_fraction} must be in "
+            "[0, 1) and sum to less than 1.",
+        )
+        if self.max_documents is not None:
+            positive("corpus.max_documents", self.max_documents, "Use null to keep all documents.")
+        if self.kind == CorpusKind.text_files:
+            require(bool(self.glob), "corpus=text_files needs corpus.glob, e.g. corpus.glob='docs/**/*.md'.")
+        if self.kind == CorpusKind.hf_dataset:
+            require(bool(self.dataset), "corpus=hf_dataset needs corpus.dataset, e.g. corpus.dataset=wikitext.")
+
+
+@dataclass
+class SourceTrainConfig:
+    """Training of the embedded source model (skipped when a matching checkpoint exists)."""
+
+    steps: int = 1200
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 16
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "lr", "eval_every", "eval_batches", "checkpoint_every"):
+            positive(f"source_train.{name}", getattr(self, name))
+        require(self.warmup_steps >= 0, f"source_train.warmup_steps={self.warmup_steps} must be >= 0.")
+        require(0 <= self.min_lr_ratio <= 1, f"source_train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+        require(self.grad_clip > 0 or math.isinf(self.grad_clip), "source_train.grad_clip must be > 0.")
+
+
+@dataclass
+class TraceConfig:
+    """What the recorder captures and how the trace store is sharded."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    seq_len: int = 128  # tokens per traced sequence (documents are cut into chunks of this length)
+    batch_size: int = 32
+    batches_per_shard: int = 16  # shards are aligned to batches so a resumed run sees identical batches
+    save_hidden: bool = True
+    hidden_layers: list[int] | None = None  # MoE-layer indices whose router input is saved; None = all
+    max_tokens_per_split: int | None = None  # stop each split after about this many tokens; None = all
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "batches_per_shard"):
+            positive(f"trace.{name}", getattr(self, name))
+        unknown = sorted(set(self.splits) - {"train", "val", "test"})
+        require(not unknown, f"trace.splits has unknown split(s) {unknown}; use train, val and/or test.")
+        if self.max_tokens_per_split is not None:
+            positive("trace.max_tokens_per_split", self.max_tokens_per_split, "Use null for whole splits.")

@@ -1,0 +1,120 @@
+"""Schemas of the source model: ``conf/model/`` (:class:`ModelConfig`) and ``conf/router/`` (:class:`RouterConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum  # members compare equal to their values: Gate.linear == "linear"
+from typing import Any
+
+from speculation.config.checks import positive, require
+
+
+class Gate(StrEnum):
+    linear = "linear"  # Switch: logits = x W
+    noisy = "noisy"  # Shazeer et al. 2017: learned Gaussian noise on the logits while training
+    cosine = "cosine"  # X-MoE (Chi et al. 2022): cosine of a low-dim projection and expert embeddings
+
+
+class Selection(StrEnum):
+    topk = "topk"  # a fixed k experts per token
+    adaptive_k = "adaptive_k"  # 1..k_max experts per token, more when the router is unsure
+
+
+class ModelKind(StrEnum):
+    embedded = "embedded"  # the Switch LM defined in speculation/models
+    hf = "hf"  # any supported HuggingFace MoE, loaded with from_pretrained from a hub id or local dir
+
+
+@dataclass
+class RouterConfig:
+    """How each MoE layer picks experts. Presets live in ``conf/router/``."""
+
+    gate: Gate = Gate.linear
+    selection: Selection = Selection.topk
+    k: int = 1  # experts per token for selection=topk
+    k_max: int = 2  # upper bound for selection=adaptive_k
+    capacity_factor: float | None = None  # None: no dropping; else capacity = ceil(cf * tokens * k / E)
+    temperature: float = 1.0  # logits are divided by this before the softmax
+    span_length: int = 1  # >1: one routing decision per span of tokens, made by the span's first token
+    cosine_dim: int = 16  # projection size for gate=cosine
+    load_balance_coef: float = 0.01  # Switch eq. 4 weight (alpha)
+    z_loss_coef: float = 0.001  # ST-MoE eq. 5 weight
+
+    def __post_init__(self) -> None:
+        positive("router.k", self.k, "Use k >= 1 experts per token.")
+        positive("router.k_max", self.k_max)
+        positive("router.temperature", self.temperature, "Use 1.0 for the plain softmax.")
+        positive("router.span_length", self.span_length, "Use 1 for per-token routing.")
+        positive("router.cosine_dim", self.cosine_dim)
+        if self.capacity_factor is not None:
+            positive("router.capacity_factor", self.capacity_factor, "Use null to disable token dropping.")
+        require(self.load_balance_coef >= 0, f"router.load_balance_coef={self.load_balance_coef} must be >= 0.")
+        require(self.z_loss_coef >= 0, f"router.z_loss_coef={self.z_loss_coef} must be >= 0.")
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> RouterConfig:
+        """Rebuild from ``asdict`` output that went through JSON (which turned the enums into their values)."""
+        return cls(**{**values, "gate": Gate(values["gate"]), "selection": Selection(values["selection"])})
+
+    @property
+    def max_experts_per_token(self) -> int:
+        return self.k_max if self.selection == Selection.adaptive_k else self.k
+
+
+@dataclass
+class ModelConfig:
+    """The source MoE model. ``kind=embedded`` builds (and trains) our Switch LM; ``kind=hf`` loads ``path``.
+
+    For ``kind=hf`` the architecture fields below are ignored: the checkpoint's config defines the model.
+    """
+
+    kind: ModelKind = ModelKind.embedded
+    name: str | None = "switch-lm"  # None: the last component of ``path``
+    path: str | None = None  # kind=hf: hub id (e.g. google/switch-base-8) or local directory
+    dtype: str = "float32"  # kind=hf: float32 | bfloat16 | float16 weights
+    encoder_fraction: float = 0.5  # encoder-decoder models: share of each traced chunk the encoder reads
+    vocab_size: int = 4096
+    d_model: int = 128
+    num_layers: int = 12
+    num_heads: int = 4
+    d_ff: int = 512
+    num_experts: int = 8
+    moe_every: int = 2  # layers moe_every-1, 2*moe_every-1, ... are MoE (switch-base-8: every other layer)
+    max_seq_len: int = 256
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind == ModelKind.hf:
+            require(
+                bool(self.path),
+                "model=hf needs model.path: a hub id (e.g. google/switch-base-8) or a local checkpoint directory.",
+            )
+        require(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"model.dtype={self.dtype!r} is not one of float32, bfloat16, float16.",
+        )
+        require(
+            0 < self.encoder_fraction < 1,
+            f"model.encoder_fraction={self.encoder_fraction} must be in (0, 1): both encoder and decoder need tokens.",
+        )
+        positive("model.num_experts", self.num_experts, "An MoE needs at least one expert.")
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "moe_every", "max_seq_len"):
+            positive(f"model.{name}", getattr(self, name))
+        require(
+            self.d_model % self.num_heads == 0,
+            f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}.",
+        )
+        require(
+            self.moe_every <= self.num_layers,
+            f"model.moe_every={self.moe_every} exceeds model.num_layers={self.num_layers}: the model would have "
+            "no MoE layer. Lower moe_every.",
+        )
+        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1).")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or str(self.path).rstrip("/").split("/")[-1]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if (i + 1) % self.moe_every == 0]

@@ -1,0 +1,87 @@
+"""Schemas of a learned predictor: ``conf/predictor/`` (architecture), ``conf/loss/`` (loss weights) and
+``conf/train/`` (optimisation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from speculation.config.checks import positive, require
+
+LOSS_TERMS = ("routing", "confidence", "consistency", "diversity")  # speculation/losses.py, one function each
+ROUTING_MODES = ("ce", "kl")
+
+
+class PredictorKind(StrEnum):
+    contextual = "contextual"  # attention over the current token's last layers' routing + its hidden state
+    transformer = "transformer"  # causal transformer over earlier tokens + LSTM over the current token's layers
+    hierarchical = "hierarchical"  # token-level and sequence-level heads mixed by learned fusion weights
+
+
+@dataclass
+class PredictorConfig:
+    """A learned predictor's architecture (``conf/predictor/``)."""
+
+    kind: PredictorKind = PredictorKind.contextual
+    d_model: int = 64
+    max_lookahead: int = 4  # predicts layers l+1 .. l+max_lookahead in one pass
+    context_layers: int = 3  # contextual: the current token's last layers it attends over
+    num_heads: int = 4
+    num_blocks: int = 2  # transformer: causal blocks over tokens
+    dropout: float = 0.1
+    max_positions: int = 512  # longest window (traced sequence) the learned position table covers
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "max_lookahead", "context_layers", "num_heads", "num_blocks", "max_positions"):
+            positive(f"predictor.{name}", getattr(self, name))
+        require(
+            self.d_model % self.num_heads == 0,
+            f"predictor.d_model={self.d_model} must be divisible by predictor.num_heads={self.num_heads}.",
+        )
+        require(0 <= self.dropout < 1, f"predictor.dropout={self.dropout} must be in [0, 1).")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the predictor's loss terms (``speculation/losses.py``); 0 turns a term off."""
+
+    routing_mode: str = "ce"  # ce: cross-entropy to the router's top-1 | kl: KL(router || prediction)
+    routing: float = 1.0
+    confidence: float = 0.5
+    consistency: float = 0.0
+    diversity: float = 0.05
+
+    def __post_init__(self) -> None:
+        require(
+            self.routing_mode in ROUTING_MODES,
+            f"loss.routing_mode={self.routing_mode!r} is not one of {', '.join(ROUTING_MODES)}.",
+        )
+        for name in LOSS_TERMS:
+            require(getattr(self, name) >= 0, f"loss.{name}={getattr(self, name)} must be >= 0.")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in LOSS_TERMS}
+
+
+@dataclass
+class PredictorTrainConfig:
+    """Optimisation of a learned predictor (``conf/train/``)."""
+
+    steps: int = 1000
+    batch_size: int = 32  # windows (traced sequences) per step
+    lr: float = 2.0e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mask_prob: float = 0.15  # MLM-style: share of (token, layer) routing inputs hidden during training
+    eval_every: int = 250
+    val_windows: int = 256  # fixed validation windows for early stopping
+    patience: int = 4  # evaluations without improvement before stopping
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "eval_every", "val_windows", "patience", "checkpoint_every"):
+            positive(f"train.{name}", getattr(self, name))
+        require(0 <= self.mask_prob < 1, f"train.mask_prob={self.mask_prob} must be in [0, 1).")

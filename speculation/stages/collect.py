@@ -1,0 +1,150 @@
+"""The collect stage: train (or reload) the source MoE and record its real routing into ``Workdir.traces()``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from speculation.config import to_object
+from speculation.config.model import ModelKind
+from speculation.config.stages import CollectConfig
+from speculation.corpus import corpus_fingerprint, load_documents, split_documents
+from speculation.models.hf import encode_with_hf_tokenizer, hf_identity, load_hf_model, pad_token_id
+from speculation.models.source import source_identity, train_or_load
+from speculation.stages.device import resolve_device
+from speculation.tokenizer import PAD_ID, encode_documents, load_or_train_tokenizer
+from speculation.tracing.collection import collect_traces
+from speculation.tracing.feeders import CausalFeeder, Seq2SeqFeeder
+from speculation.tracking import Tracker, start_run
+from speculation.workdir import FIGURES_DIR, Workdir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """The model to trace and everything the trace store needs to say about it."""
+
+    model: torch.nn.Module
+    split_ids: dict[str, list[np.ndarray]]  # token ids per document, per split
+    feeder: CausalFeeder | Seq2SeqFeeder
+    identity: dict  # what the traces were recorded from
+    manifest: dict  # model / tokenizer / source-metrics entries of the manifest
+
+
+def embedded_source(
+    cfg: CollectConfig, splits: dict, fingerprint: str, workdir: Workdir, device: torch.device, tracker: Tracker
+) -> Source:
+    """Train (or reload) the embedded Switch LM on the corpus' train split."""
+    workdir.source_model.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_or_train_tokenizer(
+        workdir.tokenizer, splits["train"], cfg.model.vocab_size, cfg.corpus.tokenizer_min_frequency, fingerprint
+    )
+    split_ids = {name: encode_documents(tokenizer, docs) for name, docs in splits.items()}
+    identity = source_identity(cfg.model, cfg.router, cfg.source_train, fingerprint)
+    model, metrics = train_or_load(
+        workdir.source_model,
+        identity,
+        cfg.model,
+        cfg.router,
+        cfg.source_train,
+        split_ids["train"],
+        split_ids["val"],
+        device,
+        tracker,
+    )
+    log.info("source model: val loss %.3f nats/token vs unigram %.3f", metrics["val_loss"], metrics["unigram_val_loss"])
+    traces = workdir.traces()
+    return Source(
+        model=model,
+        split_ids=split_ids,
+        feeder=CausalFeeder(pad_id=PAD_ID, hf_style=False),
+        identity=identity,
+        manifest={
+            "model": {
+                "kind": "embedded",
+                "name": cfg.model.display_name,
+                "source_dir": os.path.relpath(workdir.source_model, traces),
+            },
+            "tokenizer": os.path.relpath(workdir.tokenizer, traces),
+            "source_metrics": {k: v for k, v in metrics.items() if k != "history"},
+        },
+    )
+
+
+def hf_source(cfg: CollectConfig, splits: dict, fingerprint: str, device: torch.device) -> Source:
+    """Load a HuggingFace checkpoint; its own tokenizer encodes the corpus."""
+    model, tokenizer = load_hf_model(cfg.model, device)
+    pad = pad_token_id(tokenizer, model)
+    if model.config.is_encoder_decoder:
+        start = model.config.decoder_start_token_id
+        feeder = Seq2SeqFeeder(pad, pad if start is None else int(start), cfg.model.encoder_fraction)
+    else:
+        feeder = CausalFeeder(pad_id=pad, hf_style=True)
+    return Source(
+        model=model,
+        split_ids={name: encode_with_hf_tokenizer(tokenizer, docs) for name, docs in splits.items()},
+        feeder=feeder,
+        identity={"hf": hf_identity(cfg.model, model), "data": fingerprint},
+        manifest={
+            "model": {"kind": "hf", "name": cfg.model.display_name, "path": str(cfg.model.path)},
+            "tokenizer": str(cfg.model.path),
+            "source_metrics": None,
+        },
+    )
+
+
+def collect(cfg: DictConfig | CollectConfig) -> Path:
+    """Run the collect stage; returns the trace directory (``Workdir.traces()``)."""
+    cfg = to_object(cfg, CollectConfig)
+    workdir = Workdir(cfg.workdir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+
+    documents = load_documents(cfg.corpus)
+    splits = split_documents(documents, cfg.corpus)
+    for split in dict.fromkeys(["train", *cfg.trace.splits]):  # ordered, without repeats
+        if not splits[split]:
+            raise ValueError(
+                f"the corpus split {split!r} is empty ({len(documents)} documents in all). Use more documents "
+                "(corpus.max_documents) or larger corpus.val_fraction / corpus.test_fraction."
+            )
+    fingerprint = corpus_fingerprint(cfg.corpus, documents)
+    router_tag = f"router-{cfg.router.gate}-{cfg.router.selection}" if cfg.model.kind == ModelKind.embedded else "hf"
+    tracker = start_run(
+        cfg, job_type="collect", name=f"collect-{cfg.model.display_name}", tags=[cfg.model.display_name, router_tag]
+    )
+    try:
+        if cfg.model.kind == ModelKind.embedded:
+            source = embedded_source(cfg, splits, fingerprint, workdir, device, tracker)
+        else:
+            source = hf_source(cfg, splits, fingerprint, device)
+        trace_cfg = {k: v for k, v in asdict(cfg.trace).items() if k != "splits"}
+        summary = collect_traces(
+            source.model,
+            source.feeder,
+            splits,
+            source.split_ids,
+            cfg.trace,
+            workdir,
+            identity={"source": source.identity, "trace": trace_cfg},
+            manifest_extra={
+                **source.manifest,
+                "corpus": {"kind": str(cfg.corpus.kind), "fingerprint": fingerprint, "documents": len(documents)},
+            },
+            device=device,
+            salt=cfg.corpus.split_salt,
+        )
+        tracker.summary({f"health/{k}": v for k, v in summary["overall"]["mean"].items()})
+        tracker.log_image("expert_utilisation", workdir.traces() / FIGURES_DIR / "expert_utilisation.png")
+        log.info("traces written to %s (%d tokens)", workdir.traces(), summary["overall"]["tokens"])
+    finally:
+        tracker.finish()
+    return workdir.traces()

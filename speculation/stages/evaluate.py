@@ -1,0 +1,148 @@
+"""The evaluate stage: score heuristics, baselines and trained predictors on a workdir's traces, replay their
+predictions in the prefetch-cache simulator, write ``Workdir.eval()`` and log it.
+
+:func:`evaluate` is four steps, each a function of its own: :func:`score` (metrics.csv's rows),
+:func:`speculation.cache.report.simulate` (simulation.csv's), :func:`write` (every file) and :func:`log` (W&B).
+Every rule between the config and the traces is checked before the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from speculation.cache.report import Simulation, simulate, write_simulation
+from speculation.cache.report import figures as simulation_figures
+from speculation.cache.report import markdown_sections as simulation_sections
+from speculation.config import to_object
+from speculation.config.rules import Geometry, check_evaluation
+from speculation.config.stages import EvaluateConfig
+from speculation.evaluation import report
+from speculation.evaluation.runner import EvaluationResult, check_split, evaluate_predictors
+from speculation.io import atomic_write_text
+from speculation.plots import save_figure
+from speculation.predictors.base import Predictor
+from speculation.predictors.loading import build_heuristics, load_trained_predictors
+from speculation.predictors.trained import TrainedPredictor
+from speculation.traces import TraceStore
+from speculation.tracking import Tracker, start_run
+from speculation.workdir import FIGURES_DIR, REPORT_FILE, Workdir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scores:
+    """What :func:`score` measured: metrics.csv's frame (seed means appended) and the raw result behind it."""
+
+    result: EvaluationResult
+    frame: pd.DataFrame
+    context: dict  # the setting the report's header states
+
+
+def open_traces(cfg: EvaluateConfig) -> TraceStore:
+    """The store of ``eval.stack``, with every rule between the config and these traces checked."""
+    store = TraceStore.open(Workdir(cfg.workdir).traces(cfg.eval.stack))
+    geometry = Geometry(store.num_layers, store.num_experts, store.max_experts_per_token)
+    check_evaluation(cfg.eval, cfg.sim, geometry, str(store.root))
+    check_split(store, cfg.eval.split)
+    return store
+
+
+def methods_for(cfg: EvaluateConfig, store: TraceStore) -> tuple[list[Predictor], dict[str, str]]:
+    """The heuristics and baselines of ``eval.methods`` and every trained predictor; the skipped ones, with why."""
+    heuristics, skipped = build_heuristics(cfg.eval.methods, store, cfg.eval.seed)
+    return heuristics + load_trained_predictors(Workdir(cfg.workdir).predictors, store), skipped
+
+
+def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skipped: dict[str, str]) -> Scores:
+    """Every method on ``eval.split``: metrics.csv's frame, with the mean of each seed group appended."""
+    result = evaluate_predictors(
+        store,
+        methods,
+        split=cfg.eval.split,
+        max_lookahead=cfg.eval.max_lookahead,
+        budget=cfg.eval.prefetch_budget,
+        block_rows=cfg.eval.block_rows,
+        bootstrap=cfg.eval.bootstrap,
+        seed=cfg.eval.seed,
+        max_tokens=cfg.eval.max_tokens,
+    )
+    result.skipped = skipped
+    groups = {m.name: m.group for m in methods if isinstance(m, TrainedPredictor)}
+    frame = report.seed_means(report.metrics_frame(result, [m.name for m in methods]), groups)
+    context = {
+        "model": store.manifest.model_name,
+        "split": cfg.eval.split,
+        "stack": cfg.eval.stack,
+        "documents": int(report.aggregate(frame)["n_docs"].max()),
+        "bootstrap": cfg.eval.bootstrap,
+        "prefetch_budget": cfg.eval.prefetch_budget,
+        "traces": str(store.root),
+    }
+    return Scores(result, frame, context)
+
+
+def write(eval_dir: Path, scores: Scores, simulation: Simulation | None, budget: int) -> dict[str, Path]:
+    """Figures, metrics.csv / metrics.json, simulation.csv / simulation.json and report.md under ``eval_dir``."""
+    figures = report.figures(scores.frame, scores.result, budget)
+    if simulation is not None:
+        figures |= simulation_figures(simulation)
+    figure_paths = {name: save_figure(fig, eval_dir / FIGURES_DIR / f"{name}.png") for name, fig in figures.items()}
+    paths = report.write_metrics(eval_dir, scores.frame, scores.result, scores.context, figure_paths)
+    lines = report.markdown_sections(scores.frame, scores.result, scores.context, budget)
+    if simulation is not None:
+        paths |= write_simulation(eval_dir, simulation)
+        lines += simulation_sections(simulation)
+    lines += ["## Figures", ""] + [f"![{name}]({path.relative_to(eval_dir)})" for name, path in figure_paths.items()]
+    atomic_write_text(eval_dir / REPORT_FILE, "\n".join(lines) + "\n")
+    return {"report": eval_dir / REPORT_FILE, **paths, **figure_paths}
+
+
+def log_results(tracker: Tracker, scores: Scores, simulation: Simulation | None, paths: dict[str, Path]) -> None:
+    """The evaluation's tables, headline numbers and figures to the tracker."""
+    aggregate = report.aggregate(scores.frame)
+    tracker.log_table("eval/metrics", aggregate)
+    if simulation is not None:
+        tracker.log_table("eval/simulation", simulation.frame)
+    tracker.summary(
+        {f"{row.method}/d{row.lookahead}/top1_acc": row.top1_acc for row in aggregate.itertuples(index=False)}
+    )
+    tracker.log_images("eval", paths)
+
+
+def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
+    """Run the evaluate stage; returns the aggregate rows (layer ``all``), the simulation frame and the paths."""
+    cfg = to_object(cfg, EvaluateConfig)
+    store = open_traces(cfg)
+    methods, skipped = methods_for(cfg, store)
+    tracker = start_run(
+        cfg,
+        job_type="evaluate",
+        name=f"evaluate-{store.manifest.model_name}-{cfg.eval.split}",
+        tags=[store.manifest.model_name, *[m.name for m in methods if isinstance(m, TrainedPredictor)]],
+    )
+    try:
+        scores = score(cfg, store, methods, skipped)
+        simulation = None
+        if cfg.sim.enabled:
+            simulation = simulate(store, methods, cfg.eval.split, cfg.sim, cfg.hardware, cfg.target)
+            log.info("simulation: %d replays, %.1f M layer-events/s", simulation.stats["runs"],
+                     simulation.stats["events_per_s"] / 1e6)  # fmt: skip
+        eval_dir = Workdir(cfg.workdir).eval(cfg.eval.stack)
+        paths = write(eval_dir, scores, simulation, cfg.eval.prefetch_budget)
+        log_results(tracker, scores, simulation, paths)
+        result = scores.result
+        log.info("evaluation written to %s (%d tokens, %.0f tokens/s)", eval_dir, result.tokens,
+                 result.tokens / result.seconds)  # fmt: skip
+    finally:
+        tracker.finish()
+    return {
+        "aggregate": report.aggregate(scores.frame).to_dict(orient="records"),
+        "simulation": simulation.frame if simulation else None,
+        "paths": {k: str(v) for k, v in paths.items()},
+    }

@@ -1,0 +1,36 @@
+"""The train stage: fit one learned routing predictor on a workdir's traces into ``Workdir.run(name)``."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from speculation.config import to_object
+from speculation.config.stages import TrainConfig
+from speculation.predictors.training import train_predictor
+from speculation.stages.device import resolve_device
+from speculation.traces import TraceStore
+from speculation.tracking import start_run
+from speculation.workdir import Workdir
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig | TrainConfig) -> dict:
+    """Run the train stage; returns the predictor's metrics (its run directory's ``metrics.json``)."""
+    cfg = to_object(cfg, TrainConfig)
+    workdir = Workdir(cfg.workdir)
+    device = resolve_device(cfg.device)
+    store = TraceStore.open(workdir.traces())
+    out_dir = workdir.run(cfg.name)
+    tracker = start_run(
+        cfg, job_type="train", name=f"train-{cfg.name}", tags=[store.manifest.model_name, str(cfg.predictor.kind)]
+    )
+    try:
+        metrics = train_predictor(cfg, store, out_dir, device, tracker)
+        tracker.summary({f"best/{k}": v for k, v in (metrics.get("best") or {}).items()})
+        log.info("predictor %s written to %s: %s", cfg.name, out_dir, metrics.get("best"))
+    finally:
+        tracker.finish()
+    return metrics
