@@ -31,11 +31,12 @@ from speculation.traces import SplitWriter
 from speculation.tracing.collection import trace_split
 from speculation.tracing.feeders import CausalFeeder, make_chunks
 from speculation.tracing.recorder import RoutingRecorder
+from speculation.workdir import METRICS_FILE, WEIGHTS_FILE, Workdir
 
 
 def build_model(workdir: Path | None, device: torch.device) -> SwitchLM:
-    if workdir is not None and (workdir / "source_model" / "model.safetensors").exists():
-        return load_source_model(workdir / "source_model", device)
+    if workdir is not None and (Workdir(workdir).source_model / WEIGHTS_FILE).exists():
+        return load_source_model(Workdir(workdir).source_model, device)
     return SwitchLM(ModelConfig(), RouterConfig()).to(device).eval()
 
 
@@ -124,7 +125,7 @@ def main() -> None:
         "tracing_overhead": tracing_overhead(model, args.batch, args.seq_len, args.repeats, device),
         "collection": collection_throughput(model, args.tokens, args.seq_len, args.batch, device),
     }
-    metrics_path = args.workdir / "source_model" / "metrics.json" if args.workdir else None
+    metrics_path = Workdir(args.workdir).source_model / METRICS_FILE if args.workdir else None
     if metrics_path is not None and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         results["source_model"] = {

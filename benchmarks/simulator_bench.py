@@ -19,9 +19,10 @@ import time
 import numpy as np
 
 from speculation.cache import kernel
-from speculation.cache.config import HardwareConfig, TargetConfig
-from speculation.cache.plans import issue_layers, no_plan, oracle_plan, replay_rows
+from speculation.cache.plans import issue_layers, no_plan, oracle_plan
 from speculation.cache.timing import TimingModel
+from speculation.config.simulate import EVICTIONS, HardwareConfig, TargetConfig
+from speculation.workdir import Workdir
 
 
 def load_experts(args: argparse.Namespace) -> tuple[np.ndarray, int]:
@@ -29,9 +30,10 @@ def load_experts(args: argparse.Namespace) -> tuple[np.ndarray, int]:
         rng = np.random.default_rng(0)
         return rng.integers(0, args.experts, size=(args.tokens, args.layers, args.k)).astype(np.int32), args.experts
     from speculation.traces import TraceStore
+    from speculation.traces.batches import first_rows
 
-    store = TraceStore.open(f"{args.workdir}/traces")
-    rows = replay_rows(store, "test", args.tokens)
+    store = TraceStore.open(Workdir(args.workdir).traces())
+    rows = first_rows(store, "test", args.tokens)
     experts = store.split("test").rows(np.arange(rows.start, rows.stop), fields=["experts"])["experts"]
     return experts.astype(np.int32), store.num_experts
 
@@ -56,11 +58,13 @@ def main() -> None:
     }
     results = []
     for policy, (plan, issue) in plans.items():
-        for eviction, code in kernel.EVICTION_CODES.items():
+        for eviction in EVICTIONS:
+            run = kernel.PolicyRun(policy, "", eviction, plan.shape[2], 2, plan, issue, 1e-5)
 
-            def replay(plan=plan, issue=issue, code=code):
-                return kernel.simulate(experts, plan, issue, num_experts, capacity, code, timing.copy_s,
-                                       timing.non_expert_s, timing.expert_s, timing.head_s, 1e-5)  # fmt: skip
+            def replay(run=run):
+                return kernel.replay(
+                    experts_TLK=experts, num_experts=num_experts, run=run, capacity=capacity, timing=timing
+                )
 
             started = time.perf_counter()
             replay()

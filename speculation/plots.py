@@ -6,6 +6,7 @@ are involved, so stages render headless (and in threads) while notebooks show th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -69,28 +70,33 @@ def accuracy_vs_lookahead(aggregate: pd.DataFrame, budget: int) -> Figure:
     return fig
 
 
-def reliability_diagrams(reliability: dict[str, dict], methods: list[str], lookahead: int) -> Figure:
-    """Accuracy vs confidence per 15-bin ECE bucket, one panel per method (bar width ~ token share)."""
-    columns = min(len(methods), 5)
-    rows = int(np.ceil(len(methods) / columns))
-    fig = Figure(figsize=(3.0 * columns, 3.0 * rows))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    centers = (np.arange(15) + 0.5) / 15
-    for ax, method in zip(axes.flat, methods, strict=False):
-        bins = reliability.get(f"{method}/d{lookahead}")
-        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
-        if bins is not None:
-            count = np.asarray(bins["count"], dtype=float)
-            share = count / max(count.sum(), 1)
-            accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
-            ax.bar(centers, accuracy, width=np.clip(share * 3, 0.01, 1 / 15), color="tab:blue", alpha=0.8)
-        ax.set_title(method, fontsize=9)
+def reliability_diagrams(
+    reliability: dict[str, dict], methods: list[str], lookahead: int, ece: Mapping[str, float] | None = None
+) -> Figure:
+    """Top-1 accuracy per confidence bin (bars; a calibrated method sits on the diagonal) and each bin's share of
+    the tokens (outline), one panel per method; ``ece`` (by method) goes in the panel titles."""
+    shown = [m for m in methods if f"{m}/d{lookahead}" in reliability]
+    columns = max(min(len(shown), 5), 1)
+    rows = max(int(np.ceil(len(shown) / columns)), 1)
+    fig = Figure(figsize=(2.8 * columns, 2.8 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    for ax, method in zip(axes.flat, shown, strict=False):
+        bins = reliability[f"{method}/d{lookahead}"]
+        count = np.asarray(bins["count"], dtype=float)
+        edges = np.linspace(0, 1, len(count) + 1)
+        accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
+        ax.bar(edges[:-1], accuracy, width=np.diff(edges), align="edge", color="tab:blue", alpha=0.8,
+               edgecolor="k", linewidth=0.4)  # fmt: skip
+        ax.stairs(count / max(count.sum(), 1), edges, color="k", linewidth=1)
+        ax.plot([0, 1], [0, 1], color="0.4", lw=0.8, ls="--")
+        title = method if ece is None or method not in ece else f"{method} (ECE {ece[method]:.3f})"
+        ax.set_title(title, fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-    for ax in list(axes.flat)[len(methods) :]:
+    for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
     fig.supxlabel("confidence")
-    fig.supylabel("top-1 accuracy")
+    fig.supylabel("top-1 accuracy (bars) / token share (outline)")
     fig.suptitle(f"reliability at lookahead d = {lookahead}")
     fig.tight_layout()
     return fig

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from speculation.evaluation.report import COLUMNS, lookahead_table, render_lookahead_table, seed_means
+from speculation.evaluation.report import COLUMNS, render_lookahead_table, seed_means
+from speculation.evaluation.tables import lookahead_table
 
 
 def rows(values: list[tuple[str, int, float]]) -> pd.DataFrame:

@@ -5,14 +5,30 @@ Every function takes the seed-averaged table of :func:`seed_groups` (or simulati
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
 from speculation.config.stages import seed_group
+from speculation.workdir import SIMULATION_CSV, SIMULATION_JSON
 
 KEY = ["policy", "predictor", "eviction", "budget", "lookahead", "cache_fraction"]
 SHOWN = ["ms_per_token", "compute_ms", "stall_ms", "hit_rate", "bytes_moved", "wasted_bytes",
          "speedup_vs_on_demand", "oracle_gain_fraction", "bound_ms"]  # fmt: skip
+
+
+def read_simulation(eval_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """simulation.csv (empty predictor names kept as "") and simulation.json of an evaluation."""
+    if not (eval_dir / SIMULATION_CSV).is_file():
+        raise FileNotFoundError(
+            f"no simulation in {eval_dir}; run spec-evaluate with sim.enabled=true for its workdir."
+        )
+    frame = pd.read_csv(eval_dir / SIMULATION_CSV, keep_default_na=False, na_values=[""])
+    frame["predictor"] = frame["predictor"].fillna("")
+    return frame, json.loads((eval_dir / SIMULATION_JSON).read_text())
 
 
 def seed_groups(frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,7 @@
-"""The evaluation's tables (DataFrames), figures and files: metrics.csv, metrics.json and report.md's sections.
+"""The evaluation's files: metrics.csv's frame (with seed means), metrics.json, the figures and report.md's sections.
 
-Every table the report shows is a function returning a DataFrame, and its markdown is rendered from it
-(:mod:`speculation.markdown`), so a notebook calls the same functions instead of re-deriving the tables.
+The tables the report shows are the DataFrames of :mod:`speculation.evaluation.tables`, rendered to markdown here
+(:mod:`speculation.markdown`), so a notebook calls the same functions instead of re-deriving them.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
+from speculation.evaluation import tables
 from speculation.evaluation.runner import EvaluationResult
+from speculation.evaluation.tables import aggregate, lookahead_table, per_layer
 from speculation.io import atomic_path, atomic_write_json
 from speculation.markdown import to_markdown
 from speculation.plots import accuracy_vs_lookahead, layer_accuracy_heatmap, reliability_diagrams
 from speculation.workdir import METRICS_CSV, METRICS_JSON
 
 KEYS = ["method", "lookahead", "layer", "source_layer", "target_layer"]
-METRICS = ["top1_acc", "top1_ci_low", "top1_ci_high", "recall_at_budget", "exact_set", "f1", "kl", "ece", "brier",
-           "conf_corr", "stability", "n_tokens", "n_docs"]  # fmt: skip
+METRICS = [*tables.METRICS, "n_tokens", "n_docs"]
 COLUMNS = KEYS + METRICS  # metrics.csv, in order
 
 
@@ -61,22 +62,6 @@ def seed_means(frame: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True) if rows else frame
 
 
-def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows pooled over source layers (``layer == "all"``)."""
-    return frame[frame["layer"] == "all"]
-
-
-def per_layer(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of single source layers, ``layer`` as an int."""
-    return frame[frame["layer"] != "all"].astype({"layer": int})
-
-
-def lookahead_table(frame: pd.DataFrame, lookahead: int) -> pd.DataFrame:
-    """One row per method at lookahead ``d``: every pooled metric (the report's table for that lookahead)."""
-    rows = aggregate(frame)
-    return rows[rows["lookahead"] == lookahead][["method", *METRICS[:-2]]].reset_index(drop=True)
-
-
 def render_lookahead_table(table: pd.DataFrame, budget: int) -> str:
     shown = pd.DataFrame(
         {
@@ -98,9 +83,10 @@ _SHOWN = {"exact_set": "exact set", "f1": "F1", "kl": "KL", "ece": "ECE", "brier
 def figures(frame: pd.DataFrame, result: EvaluationResult, budget: int) -> dict[str, Figure]:
     """The evaluation's figures by name (saved as ``figures/<name>.png``)."""
     methods = list(dict.fromkeys(frame["method"]))
+    ece = lookahead_table(frame, 1).set_index("method")["ece"].to_dict()
     return {
         "accuracy_vs_lookahead": accuracy_vs_lookahead(aggregate(frame), budget),
-        "reliability_d1": reliability_diagrams(result.reliability, methods, 1),
+        "reliability_d1": reliability_diagrams(result.reliability, methods, 1, ece),
         "layer_accuracy_d1": layer_accuracy_heatmap(per_layer(frame), 1),
     }
 

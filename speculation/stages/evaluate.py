@@ -21,7 +21,7 @@ from speculation.cache.report import markdown_sections as simulation_sections
 from speculation.config import to_object
 from speculation.config.rules import Geometry, check_evaluation
 from speculation.config.stages import EvaluateConfig
-from speculation.evaluation import report
+from speculation.evaluation import report, tables
 from speculation.evaluation.runner import EvaluationResult, check_split, evaluate_predictors
 from speculation.io import atomic_write_text
 from speculation.plots import save_figure
@@ -79,7 +79,7 @@ def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skip
         "model": store.manifest.model_name,
         "split": cfg.eval.split,
         "stack": cfg.eval.stack,
-        "documents": int(report.aggregate(frame)["n_docs"].max()),
+        "documents": int(tables.aggregate(frame)["n_docs"].max()),
         "bootstrap": cfg.eval.bootstrap,
         "prefetch_budget": cfg.eval.prefetch_budget,
         "traces": str(store.root),
@@ -105,7 +105,7 @@ def write(eval_dir: Path, scores: Scores, simulation: Simulation | None, budget:
 
 def log_results(tracker: Tracker, scores: Scores, simulation: Simulation | None, paths: dict[str, Path]) -> None:
     """The evaluation's tables, headline numbers and figures to the tracker."""
-    aggregate = report.aggregate(scores.frame)
+    aggregate = tables.aggregate(scores.frame)
     tracker.log_table("eval/metrics", aggregate)
     if simulation is not None:
         tracker.log_table("eval/simulation", simulation.frame)
@@ -142,7 +142,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
     finally:
         tracker.finish()
     return {
-        "aggregate": report.aggregate(scores.frame).to_dict(orient="records"),
+        "aggregate": tables.aggregate(scores.frame).to_dict(orient="records"),
         "simulation": simulation.frame if simulation else None,
         "paths": {k: str(v) for k, v in paths.items()},
     }
