@@ -1,6 +1,6 @@
 """Router health per MoE layer, computed from recorded routing (any model family, resumable).
 
-Shape legend: N tokens, L MoE layers, K expert slots per token, E experts.
+Shape legend (docs/glossary.md): N tokens, L MoE layers, K expert slots per token, E experts.
 
 Definitions (per layer, over real tokens):
 - ``expert_load``: fraction of kept (token, expert) assignments that went to each expert, f_i.

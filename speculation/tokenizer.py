@@ -7,7 +7,6 @@ matters for source code, where whitespace carries meaning.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from speculation.corpus import Document
+from speculation.io import atomic_write_text
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -79,15 +79,9 @@ def load_or_train_tokenizer(
             pass
     tokenizer = train_tokenizer(docs, vocab_size, min_frequency)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, tokenizer.to_str())
-    _atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(path, tokenizer.to_str())
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return tokenizer
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> list[np.ndarray]:

@@ -4,7 +4,7 @@ Stages talk only through files under one workdir (``workdir=DIR``, default ``out
 
     source_model/           the embedded Switch LM, when it was trained here
         config.json             what defines the model (reused only when it matches)
-        tokenizer.json          the BPE tokenizer trained on the corpus' train split
+        tokenizer.json          the BPE tokenizer trained on the corpus' train split (tokenizer.meta.json: its settings)
         model.safetensors       written last: marks a finished model
         metrics.json            validation loss next to a unigram baseline
         training_state.pt       only while training (a killed run resumes from it)

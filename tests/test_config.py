@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ROUTER_PRESETS, compose_config
+from conftest import CONF_DIR, ROUTER_PRESETS, compose_config
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from speculation.config import CollectConfig, Gate, PipelineConfig, to_object
@@ -62,3 +64,38 @@ def test_bad_values_fail_with_the_key_and_value(override, message):
 def test_type_errors_fail_at_composition():
     with pytest.raises((ValidationError, ConfigCompositionException)):
         compose_config("collect", ["model.num_experts=eight"])
+
+
+# Presets that need a value no preset can know, and the value a user would give.
+REQUIRED = {"model=hf": ["model.path=/models/tiny"], "corpus=text_files": ["corpus.glob=docs/*.md"],
+            "corpus=hf_dataset": ["corpus.dataset=wikitext"]}  # fmt: skip
+GROUPS = sorted(
+    (path.parent.relative_to(CONF_DIR).as_posix(), path.stem)
+    for path in CONF_DIR.rglob("*.yaml")
+    if path.parent != CONF_DIR and path.parent.name != "hydra"  # conf/hydra/default.yaml is the hydra node itself
+)
+
+
+@pytest.mark.parametrize(("group", "preset"), GROUPS, ids=[f"{g}={p}" for g, p in GROUPS])
+def test_every_preset_of_every_group_composes_and_validates(group, preset):
+    override = f"{group}={preset}"
+    if group.startswith("hydra/"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="pipeline", overrides=[override], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+        return
+    cfg = compose_config("pipeline", [override, *REQUIRED.get(override, [])])
+    pipeline = to_object(cfg, PipelineConfig)  # every __post_init__ runs on the preset's values
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{preset}.yaml"))  # "???" kept as is
+    given = {item.split("=")[0] for item in REQUIRED.get(override, [])}
+    if group != "experiment":  # experiment files are global packages; the others land in their group's node
+        for key, value in values.items():
+            if key != "defaults" and f"{group}.{key}" not in given:  # a preset's own values win over its defaults
+                assert OmegaConf.select(cfg, f"{group}.{key}") == value, (key, value)
+    assert pipeline.workdir == ("outputs/smoke" if override == "experiment=smoke" else "outputs/default")
+
+
+def test_every_group_of_conf_is_covered():
+    groups = {group.split("/")[0] for group, _ in GROUPS}
+    assert groups == {"corpus", "eval", "experiment", "hardware", "hydra", "logger", "loss", "model", "predictor",
+                      "router", "sim", "source_train", "target", "trace", "train"}  # fmt: skip

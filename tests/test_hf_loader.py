@@ -15,9 +15,15 @@ def test_old_transformers_is_refused_with_the_fix(version):
         check_transformers_version(version)
 
 
-def test_current_transformers_passes():
-    check_transformers_version("5.18.0")
-    check_transformers_version()  # the installed one: pyproject pins >= 5.18
+@pytest.mark.parametrize(
+    ("version", "accepted"), [("5.18.0", True), ("5.18.0rc1", False), ("5.24.1", True), ("6.0", True)]
+)
+def test_the_floor_is_5_18_exactly(version, accepted):
+    if accepted:
+        check_transformers_version(version)
+    else:
+        with pytest.raises(RuntimeError, match=f"transformers {version} is installed"):
+            check_transformers_version(version)
 
 
 def test_offline_hub_id_is_one_line_that_says_pass_a_local_path(monkeypatch):

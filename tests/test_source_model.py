@@ -14,7 +14,6 @@ from speculation.models import source
 from speculation.models.source import pack_documents, sample_batch, source_identity, train_or_load
 from speculation.tokenizer import EOS_ID
 from speculation.tracking import Tracker
-from speculation.trainer import lr_at
 
 MODEL = ModelConfig(vocab_size=48, d_model=16, num_layers=4, num_heads=2, d_ff=32, num_experts=4, max_seq_len=32)
 TRAIN = SourceTrainConfig(
@@ -37,15 +36,6 @@ def run(out_dir, train_cfg=TRAIN, router=None):
     return train_or_load(
         out_dir, identity, MODEL, router, train_cfg, documents(0), documents(1), torch.device("cpu"), Tracker()
     )
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    cfg = SourceTrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1)
-    assert lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(55, cfg) == pytest.approx(0.55)  # half-way through the cosine: (1 + 0.1) / 2
-    assert lr_at(100, cfg) == pytest.approx(0.1)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():

@@ -228,8 +228,14 @@ def test_write_shard_rejects_bad_arrays(tmp_path, change, match):
     assert not writer.is_complete(0)
 
 
-def test_required_fields():
-    assert set(REQUIRED_FIELDS) == set(TRACE_FIELDS) - {"hidden", "dropped"}
+@pytest.mark.parametrize("field", REQUIRED_FIELDS)
+def test_every_required_field_is_required_and_the_optional_ones_are_not(tmp_path, field):
+    writer = SplitWriter(tmp_path, "train")
+    with pytest.raises(ValueError, match=rf"missing required trace field\(s\) \['{field}'\]"):
+        writer.write_shard(0, {k: v for k, v in make_shard(3, 0).items() if k != field})
+    info = writer.write_shard(1, make_shard(3, 1))  # neither hidden nor dropped
+    assert sorted(info.sha256) == sorted(f"{name}.npy" for name in REQUIRED_FIELDS)
+    assert set(TRACE_FIELDS) - set(REQUIRED_FIELDS) == {"hidden", "dropped"}
 
 
 def test_finalize_missing_shard(tmp_path):

@@ -3,7 +3,7 @@
     spec-calibrate --name h100-measured                # writes conf/hardware/h100-measured.yaml
     spec-calibrate --name mine --out /tmp/profiles --quick
 
-Measured with CUDA events (medians of repeats): host-to-device copies of 64 KiB .. 512 MiB from pinned and pageable
+Measured with CUDA events (medians of repeats): host-to-device copies of 64 KiB .. 256 MiB from pinned and pageable
 memory, fitted to ``latency + bytes / bandwidth``; a pinned copy while a matmul loop keeps the GPU busy (the decode
 situation; the simulator's link bandwidth when set); the target's expert FFN for 1 .. 4096 tokens (memory-bound at
 1 token: effective memory bandwidth; compute-bound at 4096: effective fp16 throughput); one tiny kernel's launch.
@@ -74,7 +74,7 @@ def measure(name: str, target: TargetConfig, quick: bool = False) -> tuple[Hardw
     """Every measurement on the current GPU; the profile and the raw numbers."""
     device = require_cuda()
     repeats = 3 if quick else 10
-    sizes = [2**k for k in range(16, 28 if quick else 30, 2)]  # 64 KiB .. 128 MiB (quick) or 512 MiB
+    sizes = [2**k for k in range(16, 28 if quick else 30, 2)]  # 64 KiB .. 64 MiB (quick) or 256 MiB
     raw: dict = {"device": torch.cuda.get_device_name(device), "sizes": sizes}
     gpu_buffer = torch.empty(max(sizes), dtype=torch.uint8, device=device)
     for kind, pinned in (("pinned", True), ("pageable", False)):

@@ -58,7 +58,7 @@ class TargetConfig:
     dense_d_ff: int = 3072  # FFN width of the dense blocks between MoE layers (0: every block is MoE)
     kernels_per_block: int = 8  # launches of one block's non-expert part (norms, attention, residuals)
     vocab_size: int = 32128  # the LM head read once per token
-    num_experts: int | None = None  # the real model's count (informational: routing comes from the traces)
+    num_experts: int | None = None  # the real model's count: sizes the router's matmul (None: 8); routing is traced
 
     def __post_init__(self) -> None:
         for key in ("d_model", "d_ff", "expert_matrices", "bytes_per_param", "blocks_per_moe_layer"):

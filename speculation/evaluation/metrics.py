@@ -1,6 +1,6 @@
 """Per-token metrics of a routing prediction against the router's real decision, and their aggregation.
 
-Shape legend: N tokens, E experts, K expert slots of the target layer.
+Shape legend (docs/glossary.md): N tokens, E experts, K expert slots of the target layer.
 
 Every metric is computed per token, then averaged over the tokens where it is defined (never on batch-averaged
 distributions). For a token predicted at lookahead d, the *target* is the router's decision at layer l + d:
@@ -174,14 +174,14 @@ def binned_spearman(bins: np.ndarray) -> float:
     return float(cov / np.sqrt(var_x * var_y))
 
 
-def bootstrap_ci(sums_D: np.ndarray, counts_D: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+def bootstrap_ci(sums: np.ndarray, counts: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
     """95 % percentile interval of sum/count when documents are resampled with replacement."""
-    present = counts_D > 0
-    sums_D, counts_D = sums_D[present], counts_D[present]
-    if len(sums_D) == 0 or resamples <= 0:
+    present = counts > 0  # per document
+    sums, counts = sums[present], counts[present]
+    if len(sums) == 0 or resamples <= 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    weights_BD = rng.multinomial(len(sums_D), np.full(len(sums_D), 1 / len(sums_D)), size=resamples)
-    ratios = (weights_BD @ sums_D) / np.maximum(weights_BD @ counts_D, 1e-12)
+    weights = rng.multinomial(len(sums), np.full(len(sums), 1 / len(sums)), size=resamples)  # [resamples, documents]
+    ratios = (weights @ sums) / np.maximum(weights @ counts, 1e-12)
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)

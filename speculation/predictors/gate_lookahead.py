@@ -5,7 +5,7 @@ hidden state: the speculative expert loading of Eliseev & Mazur 2023 (Mixtral of
 predictor needs only the routers' weights (``router_weights.safetensors``, keys ``<layer label>.<param>``,
 metadata ``format`` = adapter family) and the hidden states the trace saved (``trace.hidden_layers``).
 
-Shape legend: N token rows, H hidden width, E experts, D requested lookaheads, L MoE layers.
+Shape legend (docs/glossary.md): N token rows, H hidden width, E experts, D requested lookaheads, L MoE layers.
 
 What is reproduced is the router's *distribution* (softmax, or DeepSeek-V3's normalised sigmoid); selection
 details that depend on other tokens or on state (capacity dropping, correction biases, group limits) are the
@@ -58,7 +58,7 @@ def _embedded_scorer(
             "re-collect the traces with this version of spec-collect"
         )
     cfg = _router_config(router_config)
-    # Both gates' first matrix reads the hidden state: linear [E, H], cosine projection [C, H].
+    # Both gates' first matrix reads the hidden state: linear [E, H], cosine projection [cosine_dim, H].
     first = state.get("weight.weight", state.get("proj.weight"))
     if first is None:
         raise ValueError(f"embedded router weights have no 'weight.weight' or 'proj.weight'; found {sorted(state)}")

@@ -1,6 +1,6 @@
 """Heuristic and baseline routing predictors: cheap rules every learned predictor must beat.
 
-Shape legend (as in :mod:`speculation.predictors.base`): N token rows, L MoE layers, K expert slots, E experts,
+Shape legend (docs/glossary.md): N token rows, L MoE layers, K expert slots, E experts,
 D requested lookaheads. Predicting for MoE layer ``l`` and lookahead ``d`` means a distribution over the experts
 of layer ``l + d``; ``d = 0`` (the current layer) is accepted for sanity checks.
 

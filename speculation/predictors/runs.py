@@ -18,7 +18,8 @@ from speculation.trainer import lr_at
 from speculation.workdir import CURVES_FILE, METRICS_FILE, PREDICTOR_FILE, STATE_FILE
 
 REFERENCE = "reference"  # the loss-changes label of runs trained with the workdir's most common loss weights
-NAMING_KEYS = r"^(seed|run_name|workdir|device|logger\.)"  # config keys that name a run without changing it
+# Config keys that name or place a run without changing what it learns.
+NAMING_KEYS = r"^(seed|run_name|workdir|device|experiment_name|logger\.)"
 
 
 @dataclass

@@ -23,7 +23,7 @@ class TraceBatch:
     gates_NLK: np.ndarray  # float32
     logits_NLE: np.ndarray  # float32, the router's scores
     probs_NLE: np.ndarray  # float32, the router's distribution (softmax, or normalised sigmoid scores)
-    hidden_NLH: np.ndarray | None  # float32 router inputs of the layers in hidden_layers, else None
+    hidden_NLH: np.ndarray | None  # float32 router inputs of the layers in hidden_layers (its L axis is Lh), or None
     hidden_layers: list[int]  # which MoE layers hidden_NLH holds, in order
     seq_N: np.ndarray  # int64 traced-sequence id
     pos_N: np.ndarray  # int64 position in the document

@@ -1,6 +1,7 @@
 """Views of a trace split for analysis (a long pandas frame) and for training (a torch Dataset of windows).
 
-Shape legend: N token rows, L MoE layers, K max experts per token, W window length (padded).
+Shape legend (docs/glossary.md): N token rows (of the real tokens), L MoE layers, K expert slots per token,
+T tokens of a window (padded).
 """
 
 from __future__ import annotations
@@ -37,27 +38,27 @@ def routing_frame(split: TraceSplit, rows: slice | np.ndarray | None = None) -> 
     kept so counts per token stay K), gate (float32). ``layer`` indexes ``TraceStore.layer_names``.
     ``rows`` selects global rows: a slice, an index array, a boolean mask [N], or None for all.
     """
-    idx_M = _row_indices(split, rows)
-    data = split.rows(idx_M, fields=_ROUTING_COLUMNS)
-    experts_MLK = data["experts"]
-    num_rows, num_layers, k = experts_MLK.shape
+    idx_N = _row_indices(split, rows)
+    data = split.rows(idx_N, fields=_ROUTING_COLUMNS)
+    experts_NLK = data["experts"]
+    num_rows, num_layers, k = experts_NLK.shape
     slots = num_layers * k
-    columns = {"row": np.repeat(idx_M.astype(np.int64), slots)}
+    columns = {"row": np.repeat(idx_N.astype(np.int64), slots)}
     columns |= {name: np.repeat(data[name], slots) for name in ("doc", "pos", "seq", "token")}
     columns["layer"] = np.tile(np.repeat(np.arange(num_layers, dtype=np.int16), k), num_rows)
     columns["rank"] = np.tile(np.arange(k, dtype=np.int16), num_rows * num_layers)
-    columns["expert"] = experts_MLK.reshape(-1)
+    columns["expert"] = experts_NLK.reshape(-1)
     columns["gate"] = data["gates"].reshape(-1).astype(np.float32)
     return pd.DataFrame(columns)
 
 
 class SequenceDataset(Dataset):
-    """Windows of consecutive rows of one traced sequence, padded to a common length W.
+    """Windows of consecutive rows of one traced sequence, padded to a common length T.
 
     Items are runs of rows with the same ``seq`` cut into windows of at most ``window`` rows (None = whole
-    sequences, padded to the longest). ``item[field]`` is [W, ...] (integer fields -> long, float fields ->
-    float32; padded ``experts`` are -1, other padding 0), ``item["mask"]`` bool [W] is True on real rows and
-    ``item["rows"]`` long [W] holds global row indices (-1 on padding). Equal lengths let the default
+    sequences, padded to the longest). ``item[field]`` is [T, ...] (integer fields -> long, float fields ->
+    float32; padded ``experts`` are -1, other padding 0), ``item["mask"]`` bool [T] is True on real rows and
+    ``item["rows"]`` long [T] holds global row indices (-1 on padding). Equal lengths let the default
     DataLoader collate stack items.
     """
 
@@ -100,21 +101,21 @@ class SequenceDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range for {len(self)} windows")
         start, length = int(self.starts[index]), int(self.lengths[index])
-        rows_T = np.arange(start, start + length, dtype=np.int64)
-        data = self.split.rows(rows_T, fields=self.fields)
+        rows_N = np.arange(start, start + length, dtype=np.int64)
+        data = self.split.rows(rows_N, fields=self.fields)
         item: dict[str, torch.Tensor] = {}
-        for name, arr_T in data.items():
-            is_int = arr_T.dtype.kind in "iu"
-            padded_W = np.full(
-                (self.window, *arr_T.shape[1:]),
+        for name, values_N in data.items():
+            is_int = values_N.dtype.kind in "iu"
+            padded_T = np.full(
+                (self.window, *values_N.shape[1:]),
                 -1 if name == "experts" else 0,
                 dtype=np.int64 if is_int else np.float32,
             )
-            padded_W[:length] = arr_T
-            item[name] = torch.from_numpy(padded_W)
-        mask_W = torch.zeros(self.window, dtype=torch.bool)
-        mask_W[:length] = True
-        rows_W = torch.full((self.window,), -1, dtype=torch.long)
-        rows_W[:length] = torch.from_numpy(rows_T)
-        item["mask"], item["rows"] = mask_W, rows_W
+            padded_T[:length] = values_N
+            item[name] = torch.from_numpy(padded_T)
+        mask_T = torch.zeros(self.window, dtype=torch.bool)
+        mask_T[:length] = True
+        rows_T = torch.full((self.window,), -1, dtype=torch.long)
+        rows_T[:length] = torch.from_numpy(rows_N)
+        item["mask"], item["rows"] = mask_T, rows_T
         return item

@@ -1,7 +1,7 @@
 """Reading routing traces: ``TraceStore.open(root)`` checks the manifest (and every shard's sha256), then
 hands out :class:`TraceSplit` views whose shards are memory-mapped with ``np.load(mmap_mode="r")``.
 
-Shape legend: N token rows, L MoE layers, K max experts per token, E experts.
+Shape legend (docs/glossary.md): N token rows, L MoE layers, K max experts per token, E experts.
 """
 
 from __future__ import annotations
@@ -72,17 +72,17 @@ class TraceSplit:
         """Gather global rows [M] (any order, repeats allowed) -> {field: [M, ...]}; reads only those rows."""
         fields = self.fields if fields is None else tuple(fields)
         self._check_fields(fields)
-        idx_M = np.asarray(indices)
-        if idx_M.ndim != 1 or (idx_M.size and idx_M.dtype.kind not in "iu"):
-            raise ValueError(f"row indices must be a 1-D integer array, got {idx_M.dtype} {idx_M.shape}")
-        idx_M = idx_M.astype(np.int64, copy=False)
-        if idx_M.size and (idx_M.min() < 0 or idx_M.max() >= self.num_rows):
-            raise IndexError(f"rows span [{idx_M.min()}, {idx_M.max()}], split {self.name!r} has {self.num_rows}")
+        idx_N = np.asarray(indices)
+        if idx_N.ndim != 1 or (idx_N.size and idx_N.dtype.kind not in "iu"):
+            raise ValueError(f"row indices must be a 1-D integer array, got {idx_N.dtype} {idx_N.shape}")
+        idx_N = idx_N.astype(np.int64, copy=False)
+        if idx_N.size and (idx_N.min() < 0 or idx_N.max() >= self.num_rows):
+            raise IndexError(f"rows span [{idx_N.min()}, {idx_N.max()}], split {self.name!r} has {self.num_rows}")
         first = self.shards[0]
-        out = {name: np.empty((len(idx_M), *first[name].shape[1:]), first[name].dtype) for name in fields}
+        out = {name: np.empty((len(idx_N), *first[name].shape[1:]), first[name].dtype) for name in fields}
         # Sorting by global row groups the reads per shard and makes each memmap read ascending.
-        order = np.argsort(idx_M, kind="stable")
-        sorted_idx = idx_M[order]
+        order = np.argsort(idx_N, kind="stable")
+        sorted_idx = idx_N[order]
         bounds = np.searchsorted(sorted_idx, self.offsets)
         for s, shard in enumerate(self.shards):
             lo, hi = bounds[s], bounds[s + 1]

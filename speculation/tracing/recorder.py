@@ -8,7 +8,8 @@ Usage::
 
 Hooks only keep references to the tensors the router already produced (no copies on the forward path), so
 tracing costs little more than the forward itself; masking and the move to numpy happen in :meth:`collect`.
-Shape legend: N real tokens, L router sites (MoE layers), K experts per token, E experts, H hidden width.
+Shape legend (docs/glossary.md): N real tokens, L router sites (MoE layers), K experts per token, E experts,
+H hidden width.
 """
 
 from __future__ import annotations

@@ -1,0 +1,16 @@
+"""Markdown from DataFrames (``speculation.markdown``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from speculation.markdown import to_markdown
+
+
+def test_columns_are_formatted_missing_values_empty_and_text_never_reparsed():
+    frame = pd.DataFrame({"method": ["a", "b"], "top1": [0.8705, np.nan], "speedup": [1.0, 1.25], "id": ["007", "1"]})
+    lines = to_markdown(frame, {"top1": "{:.3f}", "speedup": lambda v: f"{v:.2f}x"}).splitlines()
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines]
+    assert cells[0] == ["method", "top1", "speedup", "id"]
+    assert cells[2:] == [["a", "0.871", "1.00x", "007"], ["b", "", "1.25x", "1"]]
