@@ -40,10 +40,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from speculation.notebooks import workdir_from_env
+from speculation.notebooks import show_figures_inline, workdir_from_env
 from speculation.plots import utilisation_heatmap
 from speculation.traces import TraceStore, analysis
 
+show_figures_inline()  # the library's figures render inline
 workdir = workdir_from_env()  # $SPEC_WORKDIR, default outputs/smoke
 split = os.environ.get("SPEC_SPLIT", "test")
 store = TraceStore.open(workdir.traces())  # one clear error if the workdir has no traces yet

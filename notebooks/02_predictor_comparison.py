@@ -39,9 +39,10 @@ import pandas as pd
 from IPython.display import display
 
 from speculation.evaluation import tables
-from speculation.notebooks import workdir_from_env
+from speculation.notebooks import show_figures_inline, workdir_from_env
 from speculation.plots import accuracy_vs_lookahead, layer_accuracy_heatmap, reliability_diagrams
 
+show_figures_inline()  # the library's figures render inline
 workdir = workdir_from_env()  # $SPEC_WORKDIR, default outputs/smoke
 frame, summary = tables.read_metrics(workdir.eval())
 methods = list(dict.fromkeys(frame["method"]))

@@ -38,9 +38,10 @@ import pandas as pd
 from IPython.display import display
 
 from speculation.cache import tables
-from speculation.notebooks import workdir_from_env
+from speculation.notebooks import show_figures_inline, workdir_from_env
 from speculation.plots import cache_sweep, latency_breakdown
 
+show_figures_inline()  # the library's figures render inline
 workdir = workdir_from_env()
 frame, stats = tables.read_simulation(workdir.eval())
 table = tables.seed_groups(frame)

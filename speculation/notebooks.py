@@ -24,7 +24,7 @@ def show_figures_inline() -> None:
     """Render ``matplotlib.figure.Figure`` objects (what ``speculation.plots`` returns) as PNG in a notebook.
 
     pyplot's inline backend registers that formatter only once pyplot is imported; the library's figures never
-    touch pyplot, so register it here (a no-op outside IPython).
+    touch pyplot, so a notebook calls this first (a no-op outside IPython).
     """
     try:
         from IPython import get_ipython
@@ -34,6 +34,3 @@ def show_figures_inline() -> None:
         from matplotlib_inline.backend_inline import set_matplotlib_formats
 
         set_matplotlib_formats("png")
-
-
-show_figures_inline()

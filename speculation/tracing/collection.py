@@ -120,6 +120,35 @@ def _stack_manifest(recorder: RoutingRecorder, model: nn.Module, workdir: Workdi
     }
 
 
+def _write_store(
+    workdir: Workdir,
+    recorder: RoutingRecorder,
+    model: nn.Module,
+    stacks: Sequence[str],
+    health: RouterHealth,
+    summary: dict,
+    splits: dict,
+    extra: dict,
+) -> None:
+    """One stack's router weights, summary, utilisation figure and (last, marking it complete) manifest."""
+    root = workdir.traces(recorder.stack)
+    save_router_weights(recorder, root / ROUTER_WEIGHTS_FILE)
+    atomic_write_json(root / SUMMARY_FILE, summary, sort_keys=True, default=str)
+    title = f"{recorder.stack} expert utilisation (uniform = {1 / health.num_experts:.3f})"
+    heatmap = save_figure(
+        utilisation_heatmap(health.expert_load_matrix(), recorder.layer_labels, title=title),
+        root / FIGURES_DIR / "expert_utilisation.png",
+    )
+    manifest = {
+        **extra,
+        **_stack_manifest(recorder, model, workdir, stacks),
+        "documents": os.path.relpath(workdir.traces() / DOCUMENTS_FILE, root),
+        "splits": splits,
+        "figures": {"expert_utilisation": str(heatmap.relative_to(root))},
+    }
+    write_manifest(root, json.loads(json.dumps(manifest, default=str)))
+
+
 def collect_traces(
     model: nn.Module,
     feeder: Any,
@@ -182,26 +211,8 @@ def collect_traces(
 
     with atomic_path(traces_dir / DOCUMENTS_FILE) as tmp:
         pd.DataFrame(doc_rows).to_parquet(tmp, index=False)
+    extra = {**manifest_extra, "trace_config": identity["trace"]}
     for stack in stacks:
-        root, recorder = workdir.traces(stack), recorders[stack]
-        save_router_weights(recorder, root / ROUTER_WEIGHTS_FILE)
         summaries[stack]["overall"] = overall[stack].summary()
-        atomic_write_json(root / SUMMARY_FILE, summaries[stack], sort_keys=True, default=str)
-        heatmap = save_figure(
-            utilisation_heatmap(
-                overall[stack].expert_load_matrix(),
-                recorder.layer_labels,
-                title=f"{stack} expert utilisation (uniform = {1 / num_experts:.3f})",
-            ),
-            root / FIGURES_DIR / "expert_utilisation.png",
-        )
-        manifest = {
-            **manifest_extra,
-            **_stack_manifest(recorder, model, workdir, stacks),
-            "documents": os.path.relpath(traces_dir / DOCUMENTS_FILE, root),
-            "trace_config": identity["trace"],
-            "splits": entries[stack],
-            "figures": {"expert_utilisation": str(heatmap.relative_to(root))},
-        }
-        write_manifest(root, json.loads(json.dumps(manifest, default=str)))  # last: marks a complete store
+        _write_store(workdir, recorders[stack], model, stacks, overall[stack], summaries[stack], entries[stack], extra)
     return summaries[PRIMARY_STACK]
