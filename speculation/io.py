@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 TMP_SUFFIX = ".tmp"
 
 
@@ -95,12 +93,6 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 def atomic_write_json(path: Path | str, payload: Any, **dumps: Any) -> None:
     """``json.dumps(payload, **dumps)`` (``indent=2`` unless given), atomically."""
     atomic_write_text(path, json.dumps(payload, **{"indent": 2, **dumps}))
-
-
-def atomic_save_array(path: Path | str, array: np.ndarray) -> None:
-    """One ``.npy`` file (no pickles), atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
 
 
 def remove_stale_temps(directory: Path | str) -> list[Path]:

@@ -31,6 +31,7 @@ def test_typed_fields_and_their_defaults():
         and manifest.router_family == "embedded_switch"
     )
     assert manifest.router_weights_file == "router_weights.safetensors" and manifest.missing_hidden(range(3)) == [2]
+    assert (manifest.sizes.num_layers, manifest.sizes.num_experts, manifest.sizes.experts_per_token) == (2, 8, 1)
     bare = Manifest.from_dict(
         {"routing": {"num_experts": 4, "max_experts_per_token": 2, "layers": ["a"]}, "splits": {}}
     )

@@ -23,7 +23,7 @@ from speculation.cache.plans import ReplayTrace, rank_predictions
 from speculation.cache.simulation import policy_runs
 from speculation.cache.timing import TimingModel, resolve_target
 from speculation.config import CONF_DIR, to_object
-from speculation.config.rules import Geometry, cache_slots, check_evaluation
+from speculation.config.rules import cache_slots, check_evaluation
 from speculation.config.stages import EvaluateConfig
 from speculation.io import atomic_path
 from speculation.predictors.loading import build_heuristics, load_trained_predictors
@@ -65,9 +65,7 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
     require_cuda()
     workdir = Workdir(cfg.workdir)
     store = TraceStore.open(workdir.traces())
-    check_evaluation(
-        cfg.eval, cfg.sim, Geometry(store.num_layers, store.num_experts, store.max_experts_per_token), str(store.root)
-    )
+    check_evaluation(cfg.eval, cfg.sim, store.manifest.sizes, str(store.root))
     target = resolve_target(cfg.target, store.manifest)
     timing = TimingModel.from_profiles(cfg.hardware, target)
     gate, _ = build_heuristics(["gate_lookahead"], store, cfg.eval.seed)

@@ -158,9 +158,3 @@ def gains(frame: pd.DataFrame) -> pd.DataFrame:
         table[f"recall vs {name}"] = best["recall_at_budget"] - reference["recall_at_budget"]
     table["cis_disjoint"] = best["top1_ci_low"] > references["best heuristic"]["top1_ci_high"]
     return table.rename_axis("d")
-
-
-def layer_names(frame: pd.DataFrame) -> pd.Series:
-    """Source-layer index -> its router label."""
-    rows = per_layer(frame)
-    return rows.drop_duplicates("layer").set_index("layer")["source_layer"].sort_index()

@@ -19,7 +19,7 @@ from speculation.cache.report import Simulation, simulate, write_simulation
 from speculation.cache.report import figures as simulation_figures
 from speculation.cache.report import markdown_sections as simulation_sections
 from speculation.config import to_object
-from speculation.config.rules import Geometry, check_evaluation
+from speculation.config.rules import check_evaluation
 from speculation.config.stages import EvaluateConfig
 from speculation.evaluation import report, tables
 from speculation.evaluation.runner import EvaluationResult, check_split, evaluate_predictors
@@ -44,11 +44,13 @@ class Scores:
     context: dict  # the setting the report's header states
 
 
-def open_traces(cfg: EvaluateConfig) -> TraceStore:
-    """The store of ``eval.stack``, with every rule between the config and these traces checked."""
-    store = TraceStore.open(Workdir(cfg.workdir).traces(cfg.eval.stack))
-    geometry = Geometry(store.num_layers, store.num_experts, store.max_experts_per_token)
-    check_evaluation(cfg.eval, cfg.sim, geometry, str(store.root))
+def open_traces(cfg: EvaluateConfig, verify: bool = True) -> TraceStore:
+    """The store of ``eval.stack``, with every rule between the config and these traces checked.
+
+    ``verify``: hash every shard against the manifest (``TraceStore.open``); the rules need the manifest only.
+    """
+    store = TraceStore.open(Workdir(cfg.workdir).traces(cfg.eval.stack), verify=verify)
+    check_evaluation(cfg.eval, cfg.sim, store.manifest.sizes, str(store.root))
     check_split(store, cfg.eval.split)
     return store
 

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from speculation.config.rules import Geometry
 from speculation.workdir import MANIFEST_FILE, ROUTER_WEIGHTS_FILE
 
 SCHEMA_VERSION = 1
@@ -101,6 +102,11 @@ class Manifest:
         return self.routing.num_experts
 
     @property
+    def sizes(self) -> Geometry:
+        """What the config's rules (``speculation.config.rules``) check against: layers, experts, slots."""
+        return Geometry(self.num_layers, self.routing.num_experts, self.routing.max_experts_per_token)
+
+    @property
     def splits(self) -> dict[str, dict[str, Any]]:
         return self.raw["splits"]
 
@@ -121,9 +127,6 @@ class Manifest:
     def router_family(self) -> str | None:
         """The family whose routers ``router_weights`` holds (gate-lookahead rebuilds them)."""
         return (self.raw.get("router_weights") or {}).get("format") or self.adapter
-
-    def has_hidden(self, layers: range | list[int]) -> bool:
-        return set(layers) <= set(self.hidden.layers)
 
     def missing_hidden(self, layers: range | list[int]) -> list[int]:
         return sorted(set(layers) - set(self.hidden.layers))
