@@ -10,14 +10,21 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from speculation.cli import one_line_errors, run_console
 from speculation.config import CONF_DIR
 from speculation.stages.collect import collect
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="collect")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     collect(cfg)
 
 
+def cli() -> None:
+    """The console script: user errors as one line on stderr (speculation/cli.py)."""
+    run_console(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

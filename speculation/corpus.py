@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from speculation.config.collect import CorpusConfig, CorpusKind
+from speculation.errors import MissingInputError, UserError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -56,16 +60,16 @@ def load_documents(cfg: CorpusConfig) -> list[Document]:
         docs = _finish(_stdlib_documents(stdlib), cfg)
     elif cfg.kind == CorpusKind.text_files:
         source = f"corpus.glob={cfg.glob!r}"
-        fix = "check that the files are not all empty, or point corpus.glob at other files."
+        fix = "check that the files are UTF-8 text and not all empty, or point corpus.glob at other files."
         docs = _finish(_text_file_documents(cfg.glob or ""), cfg)
     elif cfg.kind == CorpusKind.hf_dataset:
         source = f"corpus.dataset={cfg.dataset!r} (split {cfg.dataset_split!r}, field {cfg.text_field!r})"
         fix = "check corpus.text_field and corpus.dataset_split."
         docs = _finish(_dataset_documents(cfg), cfg)
     else:
-        raise ValueError(f"corpus.kind={cfg.kind!r} is not one of {[k.value for k in CorpusKind]}.")
+        raise UserError(f"corpus.kind={cfg.kind!r} is not one of {[k.value for k in CorpusKind]}.")
     if not docs:
-        raise ValueError(f"No non-empty documents in {source}; {fix}")
+        raise UserError(f"No non-empty documents in {source}; {fix}")
     return docs
 
 
@@ -96,21 +100,43 @@ def _stdlib_documents(stdlib: Path) -> Iterator[Document]:
         yield Document(doc_id, _read(stdlib / doc_id))
 
 
+def read_text_file(path: str | Path) -> str | None:
+    """The file's text, or None if it is not UTF-8 text (a NUL byte, or bytes that do not decode)."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _text_file_documents(pattern: str) -> Iterator[Document]:
+    """Every UTF-8 text file the pattern matches, sorted by path; the others are skipped with a warning."""
     paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not paths:
-        raise ValueError(
+        raise UserError(
             f"corpus.glob={pattern!r} matched no files (relative to {os.getcwd()}). Fix the pattern, e.g. "
             "corpus.glob='docs/**/*.md' ('**' matches subdirectories), or use an absolute path."
         )
+    skipped = []
     for path in paths:
-        yield Document(path, _read(path))
+        text = read_text_file(path)
+        if text is None:
+            skipped.append(path)
+            continue
+        yield Document(path, text)
+    if skipped:
+        log.warning(
+            "corpus.glob=%r: skipped %d of %d files that are not UTF-8 text (binary, or another encoding), e.g. %s",
+            pattern, len(skipped), len(paths), ", ".join(skipped[:3]),
+        )  # fmt: skip
 
 
 def _dataset_documents(cfg: CorpusConfig) -> Iterator[Document]:
     dataset = _load_dataset(cfg)
     if cfg.text_field not in dataset.column_names:
-        raise ValueError(
+        raise UserError(
             f"corpus.text_field={cfg.text_field!r} is not a column of {cfg.dataset!r}; its columns are "
             f"{dataset.column_names}. Set corpus.text_field to one of them."
         )
@@ -118,7 +144,7 @@ def _dataset_documents(cfg: CorpusConfig) -> Iterator[Document]:
     for batch in dataset.select_columns([cfg.text_field]).iter(batch_size=1000):
         for text in batch[cfg.text_field]:
             if text is not None and not isinstance(text, str):
-                raise ValueError(
+                raise UserError(
                     f"corpus.text_field={cfg.text_field!r} of {cfg.dataset!r} holds {type(text).__name__} "
                     "values, not text. Pick a string column."
                 )
@@ -141,7 +167,7 @@ def _load_dataset(cfg: CorpusConfig) -> Any:
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(
+                raise UserError(
                     f"corpus.dataset_split={split!r} is not in the saved dataset {name!r}; its splits are "
                     f"{list(loaded)}. Set corpus.dataset_split to one of them."
                 )
@@ -150,12 +176,12 @@ def _load_dataset(cfg: CorpusConfig) -> Any:
     if local.is_file():
         builder = _FILE_BUILDERS.get(local.suffix.lower())
         if builder is None:
-            raise ValueError(
+            raise UserError(
                 f"corpus.dataset={cfg.dataset!r} is a file of unknown type; use one of {sorted(_FILE_BUILDERS)}."
             )
         return datasets.load_dataset(builder, data_files=name, split=split)
     if name.startswith((".", "/", "~")) and not local.exists():
-        raise FileNotFoundError(f"corpus.dataset={cfg.dataset!r} does not exist. Fix the path.")
+        raise MissingInputError(f"corpus.dataset={cfg.dataset!r} does not exist. Fix the path.")
     try:
         return datasets.load_dataset(name, cfg.dataset_config, split=split)
     except (ConnectionError, OSError, *_hub_connection_errors()) as error:

@@ -1,17 +1,21 @@
 """Reuse only what matches: a directory records the identity (config, data fingerprint) it was produced from,
 and a later run that would write into it must present the same identity.
 
-The source model (``source_model/config.json``) and the trace store (``traces/identity.json``) both go through
-:func:`claim_identity`.
+The source model (``source_model/config.json``), the trace store (``traces/identity.json``) and every predictor
+run (``predictors/<run>/identity.json``) go through :func:`claim_identity`. :func:`json_sha256` and
+:func:`files_sha256` are the content digests identities are made of.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from speculation.io import atomic_write_json
+from speculation.errors import UserError
+from speculation.io import atomic_write_json, file_sha256
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -39,6 +43,16 @@ def claim_identity(path: Path, identity: dict[str, Any], holds: str, fix: str) -
     if path.exists():
         differing = differing_keys(json.loads(path.read_text()), identity)
         if differing:
-            raise ValueError(f"{path.parent} holds {holds} (differs in: {', '.join(differing)}). {fix}")
+            raise UserError(f"{path.parent} holds {holds} (differs in: {', '.join(differing)}). {fix}")
         return
     atomic_write_json(path, identity, sort_keys=True)
+
+
+def json_sha256(payload: Any) -> str:
+    """The sha256 of ``payload`` as canonical JSON (sorted keys): equal content, equal digest."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def files_sha256(paths: Iterable[Path], root: Path) -> str:
+    """One digest of several files' contents and their names relative to ``root``."""
+    return json_sha256(sorted((Path(p).relative_to(root).as_posix(), file_sha256(p)) for p in paths))

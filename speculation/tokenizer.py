@@ -14,6 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from speculation.corpus import Document
+from speculation.errors import UserError
 from speculation.io import atomic_write_text
 
 EOS = "<|endoftext|>"
@@ -28,7 +29,7 @@ _ENCODE_CHUNK = 256  # documents per encode_batch call: bounds the memory held b
 
 def _check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise UserError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE needs more than 256 byte tokens + "
             f"{len(SPECIAL_TOKENS)} special tokens. Use model.vocab_size >= {MIN_VOCAB_SIZE} "
             "(4096 is the default)."

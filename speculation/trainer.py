@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from speculation.errors import UserError
 from speculation.io import atomic_path
 from speculation.tracking import Tracker
 
@@ -74,14 +75,20 @@ def train_loop(
     tracker: Tracker,
     desc: str,
     device: torch.device | str = "cpu",
+    config_group: str = "train",
 ) -> tuple[LoopState, float]:
     """Train (resuming from ``state_path`` if it exists) until ``cfg.steps`` or an early stop.
 
-    Returns the final state and the training time in seconds (this process and every earlier one).
+    Returns the final state and the training time in seconds (this process and every earlier one). A loss that
+    is not finite stops the run with a UserError naming the step and ``<config_group>.lr``. The caller checks
+    that ``state_path`` belongs to this config before calling.
     """
     state = LoopState()
     if state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=False)
+        try:
+            saved = torch.load(state_path, map_location=device, weights_only=False)
+        except (RuntimeError, OSError, EOFError) as err:
+            raise UserError(f"{state_path} is unreadable ({err}); delete it to train from step 0.") from None
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         state = LoopState(**saved)
@@ -93,6 +100,11 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss, metrics = step_fn(step)
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"{desc}: the loss is {loss.item()} at step {step + 1} (lr {lr_at(step, cfg):.3g}); train with a lower "
+                f"{config_group}.lr or a longer {config_group}.warmup_steps."
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -19,6 +19,7 @@ Stages talk only through files under one workdir (``workdir=DIR``, default ``out
         <split>/tokens.parquet  per-token metadata
         encoder/                ... and an encoder-decoder model's encoder stream, a store of its own
     predictors/<run>/       one trained predictor per run
+        identity.json           written first: the config and traces it trains on (a rerun must match it)
         predictor.json          written last: marks a finished run (what spec-evaluate loads)
         model.safetensors       the best validation checkpoint
         metrics.json            best validation point, steps, time, parameters
@@ -26,6 +27,7 @@ Stages talk only through files under one workdir (``workdir=DIR``, default ``out
         training_state.pt       only while training
     eval/                   what spec-evaluate writes (eval/encoder/ for the encoder stack)
         metrics.csv, metrics.json, report.md, simulation.csv, simulation.json, engine_validation.csv, figures/
+    locks/                  traces.lock, run-<name>.lock, eval-<stack>.lock: who writes what now (speculation/locks.py)
     logs/<stage>/<time>/    Hydra's logs of single runs (conf/hydra/default.yaml)
     wandb/                  offline W&B runs (``wandb sync`` uploads them)
 """
@@ -101,6 +103,10 @@ class Workdir:
     def eval(self, stack: str = PRIMARY_STACK) -> Path:
         """What ``spec-evaluate`` writes for one token stream's store."""
         return self.root / "eval" if stack == PRIMARY_STACK else self.root / "eval" / stack
+
+    def lock(self, name: str) -> Path:
+        """The lock file of one part of the workdir (``speculation.locks``): traces, run-<name>, eval-<stack>."""
+        return self.root / "locks" / f"{name}.lock"
 
     @property
     def logs(self) -> Path:

@@ -33,6 +33,7 @@ TINY_COLLECT = [
     "source_train.steps=6",
     "source_train.eval_every=3",
     "source_train.eval_batches=2",
+    "source_train.require_beats_unigram=false",  # 6 steps learn little: this fixture tests wiring, not quality
     "trace.batch_size=4",
     "trace.max_tokens_per_split=1500",
 ]

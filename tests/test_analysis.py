@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from synthetic import synthetic_manifest
 
 from speculation.traces import SplitWriter, TraceStore, analysis, write_manifest
 from speculation.workdir import SUMMARY_FILE, Workdir
@@ -33,7 +34,7 @@ def hand_made_store(root):
     writer = SplitWriter(root, "test")
     writer.write_shard(0, arrays)
     routing = {"num_experts": 2, "max_experts_per_token": 1, "layers": ["decoder.0", "decoder.1"]}
-    write_manifest(root, {"routing": routing, "splits": {"test": writer.finalize(1)}})
+    write_manifest(root, synthetic_manifest(routing, splits={"test": writer.finalize(1)}))
     return TraceStore.open(root)
 
 

@@ -105,10 +105,17 @@ def test_text_files_sorted_truncated_empty_dropped(tmp_path):
     assert [(Path(d.doc_id).name, d.text) for d in short] == [("a.txt", "alpha"), ("b.txt", "bravo")]
 
 
-def test_text_files_invalid_utf8_replaced(tmp_path):
-    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe end")
-    [doc] = load_documents(_text_cfg(str(tmp_path / "*.txt")))
-    assert doc.text == "ok \ufffd\ufffd end"
+def test_files_that_are_not_utf8_text_are_skipped_with_a_count(tmp_path, caplog):
+    _write(tmp_path / "good.txt", "plain text")
+    (tmp_path / "latin1.txt").write_bytes(b"ok \xff\xfe end")  # not UTF-8
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")  # a NUL byte: binary
+    with caplog.at_level("WARNING", logger="speculation.corpus"):
+        [doc] = load_documents(_text_cfg(str(tmp_path / "*.txt")))
+    assert doc.text == "plain text"
+    assert "skipped 2 of 3 files that are not UTF-8 text" in caplog.text and "image.txt" in caplog.text
+    (tmp_path / "good.txt").unlink()
+    with pytest.raises(ValueError, match=r"No non-empty documents in corpus.glob=.*check that the files are UTF-8"):
+        load_documents(_text_cfg(str(tmp_path / "*.txt")))
 
 
 def test_text_files_no_match_names_glob(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import CONF_DIR, ROUTER_PRESETS
 from omegaconf import OmegaConf
+from synthetic import synthetic_manifest
 
 from speculation.config import ModelConfig, RouterConfig
 from speculation.models.switch_lm import SwitchLM
@@ -315,17 +316,16 @@ def traced_switch_lm(router_cfg: RouterConfig, tmp_path) -> tuple[SwitchLM, Trac
         arrays = recorder.collect(mask)
         save_router_weights(recorder, tmp_path / ROUTER_WEIGHTS_FILE)
     adapter = find_adapter(model)
-    manifest = {
-        "splits": {},
-        "adapter": adapter.family,
-        "routing": {
+    manifest = synthetic_manifest(
+        {
             "num_experts": TINY.num_experts,
             "max_experts_per_token": router_cfg.max_experts_per_token,
             "layers": recorder.layer_labels,
             **adapter.routing_meta(model),
         },
-        "router_weights": {"file": ROUTER_WEIGHTS_FILE, "format": adapter.family},
-    }
+        adapter=adapter.family,
+        router_weights={"file": ROUTER_WEIGHTS_FILE, "format": adapter.family},
+    )
     store = TraceStore(tmp_path, Manifest.from_dict(json.loads(json.dumps(manifest))))  # as read from its file
     probs = torch.softmax(torch.from_numpy(arrays["logits"]), -1).numpy()
     seq, pos = np.repeat(np.arange(3), 12), np.tile(np.arange(12), 3)

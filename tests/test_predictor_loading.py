@@ -4,6 +4,7 @@ predictors from their run directories, and what cannot run on given traces (said
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from synthetic import write_store
@@ -22,19 +23,21 @@ def test_traces_without_hidden_states_skip_gate_lookahead_and_say_why(tmp_path):
 
 def test_trained_predictors_load_with_their_reach_and_another_models_are_refused(trained, tmp_path):
     store = TraceStore.open(Workdir(trained).traces())
-    loaded = load_trained_predictors(Workdir(trained).predictors, store)
+    loaded, unfinished = load_trained_predictors(Workdir(trained).predictors, store)
     assert sorted(p.name for p in loaded) == ["contextual-seed0", "hierarchical-seed0", "transformer-seed0"]
+    assert unfinished == {}
     assert {p.max_lookahead for p in loaded} == {2} and {p.group for p in loaded} == {
         "contextual", "hierarchical", "transformer",
     }  # fmt: skip
-    foreign = tmp_path / "predictors" / "contextual-seed0"
-    foreign.mkdir(parents=True)
-    (foreign / PREDICTOR_FILE).write_text(json.dumps({"type": "learned", "traces_fingerprint": "0" * 64}))
+    copy = tmp_path / "predictors" / "contextual-seed0"
+    shutil.copytree(Workdir(trained).run("contextual-seed0"), copy)
+    meta = json.loads((copy / PREDICTOR_FILE).read_text())
+    (copy / PREDICTOR_FILE).write_text(json.dumps(meta | {"traces_fingerprint": "0" * 64}))
     with pytest.raises(ValueError, match="trained on traces of another model"):
         load_trained_predictors(tmp_path / "predictors", store)
-    (foreign / PREDICTOR_FILE).write_text(
-        json.dumps({"type": "psychic", "traces_fingerprint": store.manifest.fingerprint()})
-    )
+    (copy / PREDICTOR_FILE).write_text(json.dumps(meta | {"type": "psychic"}))
     with pytest.raises(ValueError, match=r"type 'psychic', which this version cannot load; known types: \['learned'\]"):
         load_trained_predictors(tmp_path / "predictors", store)
-    assert load_trained_predictors(tmp_path / "nowhere", store) == []
+    (copy / PREDICTOR_FILE).unlink()
+    assert load_trained_predictors(tmp_path / "predictors", store)[1]["contextual-seed0"].startswith("unfinished")
+    assert load_trained_predictors(tmp_path / "nowhere", store) == ([], {})

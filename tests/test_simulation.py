@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import compose_config
+from synthetic import synthetic_manifest
 
 from speculation.cache.kernel import replay
 from speculation.cache.plans import RankedPredictions, ReplayTrace, confidence_plan, issue_layers, topb_plan
@@ -36,12 +37,11 @@ def test_profiles_give_the_hand_computed_expert_sizes_and_timings():
 
 def test_traced_target_reads_the_manifest():
     manifest = Manifest.from_dict(
-        {
-            "model": {"name": "tiny"},
-            "geometry": {"d_model": 64, "d_ff": 256, "num_experts": 4, "vocab_size": 500},
-            "routing": {"num_experts": 4, "max_experts_per_token": 1, "layers": ["decoder.1"]},
-            "splits": {},
-        }
+        synthetic_manifest(
+            {"num_experts": 4, "layers": ["decoder.1"]},
+            model={"name": "tiny"},
+            geometry={"d_model": 64, "d_ff": 256, "vocab_size": 500},
+        )
     )
     target = resolve_target(TargetConfig(name="traced"), manifest)
     assert (target.name, target.expert_bytes, target.attention_params) == ("tiny", 2 * 64 * 256 * 2, 4 * 64 * 64)

@@ -4,6 +4,7 @@ trained predictors scored next to the baselines, and the config's rules checked 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -50,8 +51,9 @@ def test_a_predictor_from_another_model_is_refused_before_any_scoring(trained, t
     workdir.mkdir()
     (workdir / "traces").symlink_to(Workdir(trained).traces(), target_is_directory=True)
     run_dir = Workdir(workdir).run("contextual-seed0")
-    run_dir.mkdir(parents=True)
-    (run_dir / PREDICTOR_FILE).write_text(json.dumps({"type": "learned", "traces_fingerprint": "0" * 64}))
+    shutil.copytree(Workdir(trained).run("contextual-seed0"), run_dir)
+    meta = json.loads((run_dir / PREDICTOR_FILE).read_text())
+    (run_dir / PREDICTOR_FILE).write_text(json.dumps(meta | {"traces_fingerprint": "0" * 64}))
     with pytest.raises(ValueError, match="trained on traces of another model"):
         evaluate(compose_config("evaluate", [f"workdir={workdir}", "logger=none"]))
     assert not Workdir(workdir).eval().exists()

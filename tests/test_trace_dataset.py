@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from synthetic import synthetic_manifest
 from torch.utils.data import DataLoader
 
 from speculation.traces import (
@@ -22,7 +23,7 @@ def open_split(root: Path, shards: list[dict[str, np.ndarray]]) -> TraceSplit:
     writer = SplitWriter(root, "train")
     for i, arrays in enumerate(shards):
         writer.write_shard(i, arrays)
-    write_manifest(root, {"routing": ROUTING, "splits": {"train": writer.finalize(len(shards))}})
+    write_manifest(root, synthetic_manifest(ROUTING, splits={"train": writer.finalize(len(shards))}))
     return TraceStore.open(root).split("train")
 
 

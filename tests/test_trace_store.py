@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import synthetic_manifest
 
 from speculation.traces import (
     REQUIRED_FIELDS,
@@ -54,7 +55,7 @@ def store_dir(tmp_path: Path) -> tuple[Path, dict[str, list[dict]]]:
     root = tmp_path / "traces"
     train, train_shards = write_split(root, "train", [5, 3, 4], hidden=True, seed=0)
     valid, valid_shards = write_split(root, "valid", [2, 6], hidden=False, seed=10)
-    write_manifest(root, {"routing": ROUTING, "splits": {"train": train, "valid": valid}})
+    write_manifest(root, synthetic_manifest(ROUTING, splits={"train": train, "valid": valid}))
     return root, {"train": train_shards, "valid": valid_shards}
 
 
@@ -102,14 +103,28 @@ def test_shard_info_and_meta(store_dir):
     assert set(info.sha256) == {f"{f}.npy" for f in TRACE_FIELDS}
     assert ShardInfo.from_dict(info.to_dict()) == info
     meta = json.loads((root / "train" / "shard-00001" / "meta.json").read_text())
-    assert meta == {"rows": 3, "sha256": info.sha256}
+    sizes = {name: (root / "train" / "shard-00001" / name).stat().st_size for name in info.sha256}
+    assert meta == {"rows": 3, "sha256": info.sha256, "ranges": info.ranges, "bytes": sizes}
+    assert (info.ranges["doc"], info.ranges["pos"], info.ranges["seq"]) == ([1, 1], [0, 2], [0, 0])  # make_shard(3, 1)
     assert writer.is_complete(2) and not writer.is_complete(3)
+
+
+def test_a_shard_whose_files_do_not_match_its_marker_is_not_complete(store_dir):
+    root, _ = store_dir
+    writer = SplitWriter(root, "train")
+    shard = root / "train" / "shard-00001"
+    (shard / "logits.npy").write_bytes((shard / "logits.npy").read_bytes()[:-8])  # truncated after the marker
+    assert writer.is_complete(0) and not writer.is_complete(1)
+    (shard / "hidden.npy").unlink()
+    assert not writer.is_complete(1)
+    writer.write_shard(1, make_shard(3, 1, hidden=True))  # the next collection rewrites it
+    assert writer.is_complete(1)
 
 
 def test_empty_shard_and_pickle(tmp_path):
     root = tmp_path / "traces"
     entry, shards = write_split(root, "test", [3, 0, 2], hidden=False, seed=3)
-    write_manifest(root, {"routing": ROUTING, "splits": {"test": entry}})
+    write_manifest(root, synthetic_manifest(ROUTING, splits={"test": entry}))
     split = TraceStore.open(root).split("test")
     idx = np.array([4, 0, 3, 2])
     np.testing.assert_array_equal(split.rows(idx)["logits"], expected_field(shards, "logits")[idx])
@@ -187,6 +202,10 @@ def test_routing_geometry_mismatch(store_dir):
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["routing"]["num_experts"] = E + 1
     (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceFormatError, match=r"routing.num_experts=5 but geometry.num_experts=4; delete the store"):
+        TraceStore.open(root)
+    manifest["geometry"]["num_experts"] = E + 1  # consistent, but not what the shards hold
+    (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TraceFormatError, match=r"logits\.npy"):
         TraceStore.open(root).split("train")
 
@@ -256,5 +275,8 @@ def test_finalize_inconsistent_shards(tmp_path):
 
 
 def test_write_manifest_requires_routing(tmp_path):
-    with pytest.raises(ValueError, match="routing"):
-        write_manifest(tmp_path, {"splits": {}})
+    manifest = synthetic_manifest()
+    del manifest["routing"]
+    with pytest.raises(ValueError, match="invalid: the top level: 'routing' is a required property"):
+        write_manifest(tmp_path, manifest)
+    assert not (tmp_path / "manifest.json").exists()

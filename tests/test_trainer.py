@@ -80,3 +80,13 @@ def test_each_step_draws_from_its_own_seed():
     first = torch.rand(3)
     torch.manual_seed(step_seed(2, 7))
     assert torch.equal(first, torch.rand(3))
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_with_the_step_and_the_key_to_lower(tmp_path):
+    trainer = Trainer(CFG)
+    real = trainer.step_fn
+    trainer.step_fn = lambda step: (real(step)[0] * (float("nan") if step == 5 else 1.0), {})
+    with pytest.raises(
+        ValueError, match=r"^t: the loss is nan at step 6 \(lr 0.00[0-9]+\); train with a lower train.lr"
+    ):
+        trainer.run(tmp_path / "state.pt")

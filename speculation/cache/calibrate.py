@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from speculation.cache.engine import require_cuda
 from speculation.config import CONF_DIR
 from speculation.config.simulate import HardwareConfig, TargetConfig
+from speculation.errors import UserError
 from speculation.io import atomic_write_json, atomic_write_text
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -34,14 +35,14 @@ def fit_link(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
     """Least-squares ``seconds = latency + bytes / bandwidth``: (latency in µs, bandwidth in GB/s)."""
     slope, intercept = np.polyfit(np.asarray(sizes, dtype=float), np.asarray(seconds, dtype=float), 1)
     if slope <= 0:
-        raise ValueError(f"copy times do not grow with size ({seconds}); the measurement is noise, rerun it.")
+        raise UserError(f"copy times do not grow with size ({seconds}); the measurement is noise, rerun it.")
     return max(intercept, 0.0) * 1e6, 1.0 / slope / 1e9
 
 
 def write_profile(profile: HardwareConfig, directory: Path, source: str) -> Path:
     """``directory/<name>.yaml`` (atomically): every field, with where the numbers came from."""
     if not NAME.match(profile.name):
-        raise ValueError(f"--name {profile.name!r} must be lowercase letters, digits, '-' or '_' (a file name).")
+        raise UserError(f"--name {profile.name!r} must be lowercase letters, digits, '-' or '_' (a file name).")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{profile.name}.yaml"
     body = OmegaConf.to_yaml(OmegaConf.structured(profile))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from speculation.errors import UserError
 from speculation.predictors.base import Predictor
 from speculation.traces import TraceStore
 from speculation.traces.batches import first_rows, load_batch
@@ -68,9 +69,7 @@ def _due(predictions: RankedPredictions, lookahead: int) -> tuple[np.ndarray, np
             continue
         d = target - source
         if d > predictions.ranked_TLDR.shape[2]:
-            raise ValueError(
-                f"lookahead {d} was not predicted (the predictions reach d <= {predictions.max_lookahead})"
-            )
+            raise UserError(f"lookahead {d} was not predicted (the predictions reach d <= {predictions.max_lookahead})")
         ranked[:, target] = predictions.ranked_TLDR[:, source, d - 1]
         confidence[:, target] = predictions.confidence_TLD[:, source, d - 1]
     return ranked, confidence

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from speculation.config.stages import seed_group
+from speculation.errors import MissingInputError
 from speculation.workdir import SIMULATION_CSV, SIMULATION_JSON
 
 KEY = ["policy", "predictor", "eviction", "budget", "lookahead", "cache_fraction"]
@@ -23,7 +24,7 @@ SHOWN = ["ms_per_token", "compute_ms", "stall_ms", "hit_rate", "bytes_moved", "w
 def read_simulation(eval_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """simulation.csv (empty predictor names kept as "") and simulation.json of an evaluation."""
     if not (eval_dir / SIMULATION_CSV).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no simulation in {eval_dir}; run spec-evaluate with sim.enabled=true for its workdir."
         )
     frame = pd.read_csv(eval_dir / SIMULATION_CSV, keep_default_na=False, na_values=[""])

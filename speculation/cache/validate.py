@@ -22,6 +22,7 @@ from speculation.cache.kernel import Counters, PolicyRun, replay
 from speculation.cache.plans import ReplayTrace, rank_predictions
 from speculation.cache.simulation import policy_runs
 from speculation.cache.timing import TimingModel, resolve_target
+from speculation.cli import one_line_errors, run_console
 from speculation.config import CONF_DIR, to_object
 from speculation.config.rules import cache_slots, check_evaluation
 from speculation.config.stages import EvaluateConfig
@@ -69,7 +70,7 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
     target = resolve_target(cfg.target, store.manifest)
     timing = TimingModel.from_profiles(cfg.hardware, target)
     gate, _ = build_heuristics(["gate_lookahead"], store, cfg.eval.seed)
-    predictors = gate + load_trained_predictors(workdir.predictors, store)
+    predictors = gate + load_trained_predictors(workdir.predictors, store)[0]
     sim = cfg.sim
     trace = rank_predictions(store, cfg.eval.split, predictors, sim.max_tokens, max(sim.lookaheads), max(sim.budgets))
     num_layers = trace.experts_TLK.shape[1]
@@ -92,9 +93,15 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     validate(cfg)
 
 
+def cli() -> None:
+    """The console script: user errors as one line on stderr (speculation/cli.py)."""
+    run_console(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

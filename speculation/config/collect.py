@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from speculation.config.checks import positive, require
+from speculation.config.checks import check_seed, positive, require
 
 
 class CorpusKind(StrEnum):
@@ -40,6 +40,9 @@ class CorpusConfig:
         )
         if self.max_documents is not None:
             positive("corpus.max_documents", self.max_documents, "Use null to keep all documents.")
+        if self.max_document_chars is not None:
+            positive("corpus.max_document_chars", self.max_document_chars, "Use null to keep whole documents.")
+        positive("corpus.tokenizer_min_frequency", self.tokenizer_min_frequency)
         if self.kind == CorpusKind.text_files:
             require(bool(self.glob), "corpus=text_files needs corpus.glob, e.g. corpus.glob='docs/**/*.md'.")
         if self.kind == CorpusKind.hf_dataset:
@@ -64,6 +67,9 @@ class SourceTrainConfig:
     eval_batches: int = 16
     checkpoint_every: int = 100
     seed: int = 0
+    # A model no better than token frequencies learned nothing to route by: refuse to trace it (a quality gate,
+    # not part of the model's identity).
+    require_beats_unigram: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "lr", "eval_every", "eval_batches", "checkpoint_every"):
@@ -71,6 +77,8 @@ class SourceTrainConfig:
         require(self.warmup_steps >= 0, f"source_train.warmup_steps={self.warmup_steps} must be >= 0.")
         require(0 <= self.min_lr_ratio <= 1, f"source_train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
         require(self.grad_clip > 0 or math.isinf(self.grad_clip), "source_train.grad_clip must be > 0.")
+        require(self.weight_decay >= 0, f"source_train.weight_decay={self.weight_decay} must be >= 0.")
+        check_seed("source_train.seed", self.seed)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from speculation.config.checks import positive, require
+from speculation.config.checks import check_seed, positive, require
 
 # The baseline and heuristic rows of every table, in table order; speculation.predictors.HEURISTICS holds the
 # classes under these names (checked when it is built).
@@ -39,6 +39,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name in ("max_lookahead", "prefetch_budget", "block_rows"):
             positive(f"eval.{name}", getattr(self, name))
+        check_seed("eval.seed", self.seed)
+        if self.max_tokens is not None:
+            positive("eval.max_tokens", self.max_tokens, "Use null for the whole split.")
         require(self.bootstrap >= 0, f"eval.bootstrap={self.bootstrap} must be >= 0 (0 skips intervals).")
         unknown = [m for m in self.methods if m not in HEURISTIC_METHODS]
         require(not unknown, f"eval.methods has unknown method(s) {unknown}; choose from {HEURISTIC_METHODS}.")

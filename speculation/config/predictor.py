@@ -80,8 +80,13 @@ class PredictorTrainConfig:
     val_windows: int = 256  # fixed validation windows for early stopping
     patience: int = 4  # evaluations without improvement before stopping
     checkpoint_every: int = 250
+    overwrite: bool = False  # replace an existing run of this name instead of refusing one that differs
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "eval_every", "val_windows", "patience", "checkpoint_every"):
             positive(f"train.{name}", getattr(self, name))
         require(0 <= self.mask_prob < 1, f"train.mask_prob={self.mask_prob} must be in [0, 1).")
+        require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0.")
+        require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+        require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0.")
+        positive("train.grad_clip", self.grad_clip)

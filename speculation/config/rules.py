@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from speculation.config.evaluate import EvalConfig
 from speculation.config.simulate import SimConfig
+from speculation.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def check_evaluation(eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry, w
     """One ``ValueError`` listing every problem of :func:`evaluation_problems` (``where``: the traces' path)."""
     problems = evaluation_problems(eval_cfg, sim, geometry)
     if len(problems) == 1:
-        raise ValueError(problems[0])
+        raise UserError(problems[0])
     if problems:
         lines = "\n".join(f"- {problem}" for problem in problems)
-        raise ValueError(f"the config does not fit the traces in {where}:\n{lines}")
+        raise UserError(f"the config does not fit the traces in {where}:\n{lines}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from speculation.config.checks import require
+from speculation.config.checks import check_seed, require
 from speculation.config.collect import CorpusConfig, SourceTrainConfig, TraceConfig
 from speculation.config.evaluate import EvalConfig
 from speculation.config.logger import LoggerConfig
@@ -76,6 +76,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_device(self.device)
+        check_seed("seed", self.seed)
 
     @property
     def name(self) -> str:
@@ -115,3 +116,7 @@ class PipelineConfig(CollectConfig):
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_seed("seed", self.seed)

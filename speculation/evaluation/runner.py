@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from speculation.errors import UserError
 from speculation.evaluation.metrics import MetricAccumulator, token_metrics
 from speculation.predictors.base import Predictor
 from speculation.traces import TraceStore
@@ -31,9 +32,9 @@ class EvaluationResult:
 def check_split(store: TraceStore, split: str) -> None:
     """One clear error for a split that was not traced or holds no tokens."""
     if split not in store.splits:
-        raise ValueError(f"eval.split={split!r} is not in {store.root}; traced splits: {store.splits}.")
+        raise UserError(f"eval.split={split!r} is not in {store.root}; traced splits: {store.splits}.")
     if store.split(split).num_rows == 0:
-        raise ValueError(f"split {split!r} in {store.root} has no tokens; trace more documents or pick another split.")
+        raise UserError(f"split {split!r} in {store.root} has no tokens; trace more documents or pick another split.")
 
 
 def evaluate_predictors(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from speculation.errors import MissingInputError, UserError
 from speculation.workdir import METRICS_CSV, METRICS_JSON
 
 BOUNDS = ("random", "oracle")  # chance and perfect
@@ -26,7 +27,7 @@ METRICS = ["top1_acc", "top1_ci_low", "top1_ci_high", "recall_at_budget", "exact
 def read_metrics(eval_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """metrics.csv (``layer`` as text: source-layer indices and ``all``) and metrics.json of an evaluation."""
     if not (eval_dir / METRICS_CSV).is_file() or not (eval_dir / METRICS_JSON).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no evaluation in {eval_dir}; run spec-evaluate for its workdir (or spec-pipeline experiment=smoke)."
         )
     frame = pd.read_csv(eval_dir / METRICS_CSV, dtype={"layer": str})
@@ -75,7 +76,7 @@ def gap_closed(frame: pd.DataFrame) -> pd.DataFrame:
     top1 = rows.pivot(index="method", columns="lookahead", values="top1_acc").reindex(dict.fromkeys(rows["method"]))
     missing = [m for m in BOUNDS if m not in top1.index]
     if missing:
-        raise ValueError(f"{missing} were not evaluated: add them to eval.methods to normalise by the bounds.")
+        raise UserError(f"{missing} were not evaluated: add them to eval.methods to normalise by the bounds.")
     return (top1 - top1.loc["random"]) / (top1.loc["oracle"] - top1.loc["random"])
 
 

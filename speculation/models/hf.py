@@ -7,7 +7,6 @@ pass a local directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,6 +18,8 @@ from packaging.version import Version
 
 from speculation.config.model import ModelConfig
 from speculation.corpus import Document
+from speculation.errors import MissingInputError
+from speculation.identity import files_sha256, json_sha256
 
 MIN_TRANSFORMERS = Version("5.18")
 
@@ -55,7 +56,7 @@ def load_hf_model(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Modu
     local = Path(str(cfg.path)).expanduser()
     source = str(local) if local.exists() else str(cfg.path)
     if str(cfg.path).startswith((".", "/", "~")) and not local.exists():
-        raise FileNotFoundError(f"model.path={cfg.path!r} does not exist. Fix the path.")
+        raise MissingInputError(f"model.path={cfg.path!r} does not exist. Fix the path.")
     try:
         config = AutoConfig.from_pretrained(source)
         model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -69,9 +70,18 @@ def load_hf_model(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Modu
     return model.to(device).eval(), tokenizer
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def _config_sha256(model: torch.nn.Module) -> str:
+    """The checkpoint's architecture and routing settings, without where it was loaded from."""
+    config = model.config.to_dict()
+    return json_sha256({k: v for k, v in config.items() if k not in ("_name_or_path", "_commit_hash")})
+
+
 def hf_identity(cfg: ModelConfig, model: torch.nn.Module) -> dict:
     """What identifies the traced checkpoint: its path, config and weight files (names and sizes)."""
-    config_hash = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
     local = Path(str(cfg.path)).expanduser()
     files = (
         sorted((p.relative_to(local).as_posix(), p.stat().st_size) for p in local.rglob("*") if p.is_file())
@@ -79,8 +89,30 @@ def hf_identity(cfg: ModelConfig, model: torch.nn.Module) -> dict:
         else [["commit", getattr(model.config, "_commit_hash", None)]]
     )
     return json.loads(
-        json.dumps({"path": str(cfg.path), "dtype": cfg.dtype, "config_sha256": config_hash, "files": files})
+        json.dumps({"path": str(cfg.path), "dtype": cfg.dtype, "config_sha256": _config_sha256(model), "files": files})
     )
+
+
+def hf_model_digests(cfg: ModelConfig, model: torch.nn.Module) -> dict[str, str]:
+    """What determines the checkpoint's routing, independent of its path and of any corpus: the weights', the
+    tokenizer's and the config's digests (the manifest's ``model`` entry; the traces' fingerprint reads them).
+
+    A local directory's files are hashed (reading them once costs far less than tracing with them); a hub
+    checkpoint is pinned by its commit, which fixes every file.
+    """
+    local = Path(str(cfg.path)).expanduser()
+    if not local.is_dir():
+        commit = getattr(model.config, "_commit_hash", None) or str(cfg.path)
+        weights = tokenizer = json_sha256({"hub": str(cfg.path), "commit": commit})
+    else:
+        files = [p for p in local.rglob("*") if p.is_file()]
+        weights = files_sha256([p for p in files if p.suffix in WEIGHT_SUFFIXES], local)
+        tokenizer = files_sha256([p for p in files if any(p.match(pattern) for pattern in TOKENIZER_PATTERNS)], local)
+    return {
+        "weights_sha256": weights,
+        "tokenizer_sha256": tokenizer,
+        "config_sha256": json_sha256({"config": _config_sha256(model), "dtype": cfg.dtype}),
+    }
 
 
 def encode_with_hf_tokenizer(tokenizer: Any, docs: list[Document]) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from speculation.config.collect import SourceTrainConfig
 from speculation.config.model import ModelConfig, RouterConfig
+from speculation.errors import MissingInputError, UserError
 from speculation.identity import claim_identity
 from speculation.io import atomic_path, atomic_write_json, remove_stale_temps
 from speculation.models.switch_lm import SwitchLM
@@ -51,7 +52,7 @@ def eval_windows(stream: np.ndarray, num_windows: int, seq_len: int) -> torch.Te
     """Evenly spaced, fixed validation windows (the same ones at every evaluation)."""
     span = seq_len + 1
     if len(stream) < span:
-        raise ValueError(
+        raise UserError(
             f"the validation split has {len(stream)} tokens, fewer than one window of {span}. "
             "Raise corpus.val_fraction or corpus.max_documents, or lower source_train.seq_len."
         )
@@ -79,19 +80,31 @@ def source_identity(model: ModelConfig, router: RouterConfig, train: SourceTrain
     Keys that only matter for HF checkpoints are left out, so they cannot invalidate an embedded model.
     """
     embedded = {k: v for k, v in asdict(model).items() if k not in HF_ONLY_FIELDS}
+    schedule = {k: v for k, v in asdict(train).items() if k != "require_beats_unigram"}
     return json.loads(
         json.dumps(
-            {"model": embedded, "router": asdict(router), "source_train": asdict(train), "data": data_fingerprint},
+            {"model": embedded, "router": asdict(router), "source_train": schedule, "data": data_fingerprint},
             default=str,
         )
     )
+
+
+def check_beats_unigram(metrics: dict[str, Any], out_dir: Path, cfg: SourceTrainConfig) -> None:
+    """Refuse a source model whose validation loss is not below the unigram baseline's (it routes noise)."""
+    if cfg.require_beats_unigram and not metrics["val_loss"] < metrics["unigram_val_loss"]:
+        raise UserError(
+            f"the source model in {out_dir} does not beat the unigram baseline on validation text "
+            f"({metrics['val_loss']:.3f} vs {metrics['unigram_val_loss']:.3f} nats/token), so its routing means "
+            "little; delete that directory and train longer (source_train.steps) or on real text (is corpus.glob "
+            "matching text files?), or pass source_train.require_beats_unigram=false to trace it anyway."
+        )
 
 
 def load_source_model(out_dir: Path, device: torch.device | str = "cpu") -> SwitchLM:
     """Rebuild a trained embedded model from ``config.json`` + ``model.safetensors``."""
     out_dir = Path(out_dir)
     if not (out_dir / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {out_dir}; run `spec-collect workdir=...` to train one.")
+        raise MissingInputError(f"no {WEIGHTS_FILE} in {out_dir}; run `spec-collect workdir=...` to train one.")
     saved = json.loads((out_dir / CONFIG_FILE).read_text())
     model = SwitchLM(ModelConfig(**saved["model"]), RouterConfig.from_json(saved["router"]))
     model.load_state_dict(load_file(out_dir / WEIGHTS_FILE, device="cpu"))
@@ -123,7 +136,7 @@ def train_or_load(
 
     train_stream, val_stream = pack_documents(train_ids), pack_documents(val_ids)
     if len(train_stream) <= train_cfg.seq_len + 1:
-        raise ValueError(
+        raise UserError(
             f"the train split has {len(train_stream)} tokens, too few for source_train.seq_len={train_cfg.seq_len}. "
             "Use a larger corpus (corpus.max_documents=null) or a shorter seq_len."
         )
@@ -156,7 +169,7 @@ def train_or_load(
 
     state, train_time = train_loop(
         model, optimizer, train_cfg, train_cfg.seed, out_dir / STATE_FILE, step_fn, on_eval, tracker,
-        desc="train source model", device=device,
+        desc="train source model", device=device, config_group="source_train",
     )  # fmt: skip
     history = state.history
     val_loss = history[-1]["val/lm_loss"] if history else evaluate_lm(model, windows, train_cfg.batch_size, device)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from speculation.config.model import Gate, RouterConfig, Selection
+from speculation.errors import MissingInputError, UserError
 from speculation.models.router import Router
 from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.heuristics import max_confidence, target_layers
@@ -53,7 +54,7 @@ def _embedded_scorer(
     state: Mapping[str, torch.Tensor], num_experts: int, router_config: Mapping[str, Any] | None
 ) -> Scorer:
     if router_config is None:
-        raise ValueError(
+        raise UserError(
             "manifest['routing'] has no 'router_config', which gate_lookahead needs to rebuild the embedded router; "
             "re-collect the traces with this version of spec-collect"
         )
@@ -61,7 +62,7 @@ def _embedded_scorer(
     # Both gates' first matrix reads the hidden state: linear [E, H], cosine projection [cosine_dim, H].
     first = state.get("weight.weight", state.get("proj.weight"))
     if first is None:
-        raise ValueError(f"embedded router weights have no 'weight.weight' or 'proj.weight'; found {sorted(state)}")
+        raise UserError(f"embedded router weights have no 'weight.weight' or 'proj.weight'; found {sorted(state)}")
     router = Router(int(first.shape[1]), num_experts, cfg)
     router.load_state_dict(dict(state))  # strict: a missing or extra tensor means another router variant
     router.eval()  # noisy gating adds its noise only in training
@@ -103,7 +104,7 @@ class GateLookaheadPredictor(Predictor):
         manifest = store.manifest
         path = Path(store.root) / manifest.router_weights_file
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path} is missing: gate_lookahead needs the routers' weights, which spec-collect writes when a "
                 "collection finishes; re-run spec-collect for this workdir"
             )
@@ -133,19 +134,19 @@ class GateLookaheadPredictor(Predictor):
         """``tensors`` keyed ``<layer label>.<param>`` (as ``save_router_weights`` writes them); ``score`` and
         ``router_config`` (the embedded model's, needed to rebuild it) as the manifest's routing section has them."""
         if family not in FAMILIES:
-            raise ValueError(f"gate_lookahead cannot rebuild routers of family {family!r}; supported: {FAMILIES}")
+            raise UserError(f"gate_lookahead cannot rebuild routers of family {family!r}; supported: {FAMILIES}")
         scorers = []
         for label in layer_names:
             prefix = f"{label}."  # the dot keeps "decoder.1" from claiming "decoder.11.*"
             state = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
             if not state:
-                raise ValueError(f"router weights have no tensors for layer {label!r}; re-run spec-collect")
+                raise UserError(f"router weights have no tensors for layer {label!r}; re-run spec-collect")
             if family == "embedded_switch":
                 scorers.append(_embedded_scorer(state, num_experts, router_config))
                 continue
             weight_key = "classifier.weight" if family == "switch_transformers" else "weight"
             if weight_key not in state:
-                raise ValueError(f"router weights of layer {label!r} have no {weight_key!r}; found {sorted(state)}")
+                raise UserError(f"router weights of layer {label!r} have no {weight_key!r}; found {sorted(state)}")
             # DeepSeek-V3's e_score_correction_bias only steers selection; the distribution is the unbiased one.
             bias = state.get("classifier.bias" if family == "switch_transformers" else "bias")
             scorers.append(_linear_scorer(state[weight_key], bias))
@@ -175,7 +176,7 @@ class GateLookaheadPredictor(Predictor):
             )
         hidden_NH = batch.hidden_at(layer)
         if hidden_NH is None:
-            raise ValueError(
+            raise UserError(
                 f"gate_lookahead needs the hidden state entering MoE layer {layer} ({self.layer_names[layer]}), "
                 f"but the trace saved only layers {batch.hidden_layers}; re-collect with trace.save_hidden=true and "
                 f"trace.hidden_layers including {layer} (or null for all layers)"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculation.config.predictor import PredictorConfig, PredictorKind
+from speculation.errors import UserError
 
 
 @dataclass
@@ -104,7 +105,7 @@ class PositionEmbedding(nn.Module):
 
     def forward(self, num_tokens: int) -> torch.Tensor:
         if num_tokens > self.table.num_embeddings:
-            raise ValueError(
+            raise UserError(
                 f"window of {num_tokens} tokens exceeds predictor.max_positions={self.table.num_embeddings}; "
                 "raise max_positions or use shorter windows"
             )

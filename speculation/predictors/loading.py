@@ -9,12 +9,12 @@ a predictor on another model's traces is refused, since its expert ids would mea
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
+from speculation.errors import UserError
 from speculation.predictors import HEURISTICS
 from speculation.predictors.base import Predictor
-from speculation.predictors.trained import TrainedPredictor
+from speculation.predictors.trained import TrainedPredictor, read_run
 from speculation.traces import TraceStore
 from speculation.workdir import PREDICTOR_FILE
 
@@ -43,29 +43,42 @@ def build_heuristics(names: list[str], store: TraceStore, seed: int) -> tuple[li
     return methods, skipped
 
 
-def load_trained_predictors(directory: Path, store: TraceStore) -> list[Predictor]:
-    """Every trained predictor under ``directory`` (``Workdir.predictors``; none if it does not exist), checked
-    against the traces."""
+def load_trained_predictors(directory: Path, store: TraceStore) -> tuple[list[Predictor], dict[str, str]]:
+    """Every finished run under ``directory`` (``Workdir.predictors``; none if it does not exist), checked against
+    the traces, and the unfinished ones with why they are left out.
+
+    A finished run that cannot be scored here (broken files, another model's traces, an unknown type) stops the
+    evaluation before any work, with one line per problem named: scoring the others silently would leave a hole
+    in the comparison.
+    """
     if not directory.is_dir():
-        return []
-    predictors = []
+        return [], {}
+    predictors, skipped, problems = [], {}, []
     fingerprint = store.manifest.fingerprint()
     for run_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
-        meta_path = run_dir / PREDICTOR_FILE
-        if not meta_path.is_file():
-            continue  # a run still training (or killed) has no predictor.json yet
-        meta = json.loads(meta_path.read_text())
-        if meta.get("traces_fingerprint") != fingerprint:
-            raise ValueError(
-                f"predictor {run_dir} was trained on traces of another model ({meta.get('model', 'unknown')}) than "
-                f"{store.root} ({store.manifest.model_name}); evaluate it in its own workdir, or retrain it on these "
-                "traces."
+        if not (run_dir / PREDICTOR_FILE).is_file():
+            skipped[run_dir.name] = (
+                f"unfinished (still training, or stopped before it wrote {PREDICTOR_FILE}); run its spec-train "
+                "command again to finish it"
             )
-        kind = meta.get("type")
-        if kind not in TRAINED_PREDICTORS:
-            raise ValueError(
-                f"predictor {run_dir} has type {kind!r}, which this version cannot load; known types: "
-                f"{sorted(TRAINED_PREDICTORS) or 'none yet'}."
-            )
-        predictors.append(TRAINED_PREDICTORS[kind].from_dir(run_dir, store))
-    return predictors
+            continue
+        try:
+            meta = read_run(run_dir)
+            if meta["traces_fingerprint"] != fingerprint:
+                raise UserError(
+                    f"predictor {run_dir} was trained on traces of another model ({meta.get('model', 'unknown')}: "
+                    f"other weights, tokenizer or geometry) than {store.root} ({store.manifest.model_name}); "
+                    "evaluate it in its own workdir, or retrain it on these traces with train.overwrite=true."
+                )
+            if meta["type"] not in TRAINED_PREDICTORS:
+                raise UserError(
+                    f"predictor {run_dir} has type {meta['type']!r}, which this version cannot load; known types: "
+                    f"{sorted(TRAINED_PREDICTORS)}."
+                )
+            predictors.append(TRAINED_PREDICTORS[meta["type"]].from_dir(run_dir, store))
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+    return predictors, skipped

@@ -12,15 +12,73 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from speculation.config.predictor import PredictorConfig, PredictorKind
 from speculation.config.stages import seed_group
+from speculation.errors import UserError
+from speculation.io import file_sha256
 from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.learned import PredictorInputs, build_model
 from speculation.traces import TraceStore
 from speculation.traces.batches import TraceBatch
 from speculation.workdir import PREDICTOR_FILE, WEIGHTS_FILE
+
+RUN_KEYS = ("type", "name", "traces_fingerprint", "geometry", "config", "weights_sha256")
+
+
+def retrain_fix(run_dir: Path) -> str:
+    return (
+        f"retrain it (spec-train with the config in its {PREDICTOR_FILE} and train.overwrite=true) or delete {run_dir}"
+    )
+
+
+def read_run(run_dir: Path) -> dict:
+    """A finished run's ``predictor.json``, with its weights file checked against the recorded sha256.
+
+    Every problem is one :class:`UserError` naming the file and the fix.
+    """
+    run_dir = Path(run_dir)
+    meta_path = run_dir / PREDICTOR_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{meta_path} is not valid JSON ({err}); delete {run_dir} and retrain it.") from None
+    missing = [key for key in RUN_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise UserError(
+            f"{meta_path} lacks {missing} (an older version or a broken write); delete {run_dir} and retrain it."
+        )
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing; {retrain_fix(run_dir)}.")
+    actual = file_sha256(weights)
+    if actual != meta["weights_sha256"]:
+        raise UserError(
+            f"{weights} is corrupted: sha256 {actual[:16]}… differs from the {meta['weights_sha256'][:16]}… "
+            f"recorded in {PREDICTOR_FILE}; {retrain_fix(run_dir)}."
+        )
+    return meta
+
+
+def load_weights(model: torch.nn.Module, run_dir: Path) -> None:
+    """Load ``model.safetensors`` into ``model``; a UserError if the file does not fit it or holds NaN / inf."""
+    weights = Path(run_dir) / WEIGHTS_FILE
+    try:
+        tensors = load_file(weights)
+    except SafetensorError as err:
+        raise UserError(f"{weights} is not a readable safetensors file ({err}); {retrain_fix(run_dir)}.") from None
+    broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise UserError(f"{weights} holds NaN or inf in {broken[:3]}; {retrain_fix(run_dir)}, with a lower train.lr.")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"{weights} does not fit the architecture in its {PREDICTOR_FILE} ({first}); {retrain_fix(run_dir)}."
+        ) from None
 
 
 class TrainedPredictor(Predictor):
@@ -35,13 +93,14 @@ class TrainedPredictor(Predictor):
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def from_dir(cls, run_dir: Path, store: TraceStore) -> TrainedPredictor:
-        meta = json.loads((Path(run_dir) / PREDICTOR_FILE).read_text())
+    def from_dir(cls, run_dir: Path, store: TraceStore | None = None) -> TrainedPredictor:
+        """Load a finished run (its files checked by :func:`read_run` and :func:`load_weights`)."""
+        meta = read_run(run_dir)
         saved = dict(meta["config"]["predictor"])
         config = PredictorConfig(**{**saved, "kind": PredictorKind(saved["kind"])})
         geometry = meta["geometry"]
         model = build_model(geometry["num_layers"], geometry["num_experts"], geometry["hidden_size"], config)
-        model.load_state_dict(load_file(Path(run_dir) / WEIGHTS_FILE))
+        load_weights(model, run_dir)
         return cls(model, meta["name"], config.max_lookahead)
 
     @torch.no_grad()
@@ -50,7 +109,7 @@ class TrainedPredictor(Predictor):
         if self._cache is not None and self._cache[0] == id(batch):
             return self._cache[1], self._cache[2]
         if batch.hidden_NLH is None or batch.hidden_layers != list(range(batch.probs_NLE.shape[1])):
-            raise ValueError(f"{self.name} needs the hidden states of every MoE layer; re-collect with them.")
+            raise UserError(f"{self.name} needs the hidden states of every MoE layer; re-collect with them.")
         starts = np.flatnonzero(np.r_[True, batch.seq_N[1:] != batch.seq_N[:-1]])
         lengths = np.diff(np.r_[starts, batch.num_rows])
         num_rows, num_layers, num_experts = batch.probs_NLE.shape
@@ -77,7 +136,7 @@ class TrainedPredictor(Predictor):
     def predict(self, batch: TraceBatch, layer: int, lookaheads: Sequence[int]) -> Prediction:
         bad = [d for d in lookaheads if not 1 <= d <= self.max_lookahead]
         if bad:
-            raise ValueError(f"{self.name} predicts lookaheads 1..{self.max_lookahead}; asked for {bad}.")
+            raise UserError(f"{self.name} predicts lookaheads 1..{self.max_lookahead}; asked for {bad}.")
         probs, confidence = self._outputs(batch)
         columns = [d - 1 for d in lookaheads]
         return Prediction(probs_NDE=probs[:, layer, columns], confidence_ND=confidence[:, layer, columns])

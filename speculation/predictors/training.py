@@ -1,16 +1,20 @@
 """Train a learned predictor on a trace store: masked multi-term loss, early stopping, resumable.
 
-``Workdir.run(name)`` ends up with ``model.safetensors`` (the best validation checkpoint), ``predictor.json``
-(type, traces fingerprint, config: what ``spec-evaluate`` loads; written last, it marks a finished run),
-``metrics.json`` and ``curves.csv`` (every loss term at every step). ``training_state.pt`` exists while training
-runs, so a killed run resumes. The loop is :func:`speculation.trainer.train_loop`: every step's windows, masks and
+``Workdir.run(name)`` ends up with ``identity.json`` (written first: the config and traces the run belongs to),
+``model.safetensors`` (the best validation checkpoint), ``predictor.json`` (type, traces fingerprint, config, the
+weights' sha256: what ``spec-evaluate`` loads; written last, it marks a finished run), ``metrics.json`` and
+``curves.csv`` (every loss term at every step). ``training_state.pt`` exists while training runs, so a killed run
+resumes; a rerun, a resume and a reuse all present their identity first, so a run is never continued or reused
+under another config. The loop is :func:`speculation.trainer.train_loop`: every step's windows, masks and
 dropout draws derive from ``(seed, step)``, so a resumed run takes exactly the steps an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,27 +24,32 @@ import torch
 from safetensors.torch import save_file
 
 from speculation.config.stages import TrainConfig
-from speculation.io import atomic_path, atomic_write_json, remove_stale_temps
+from speculation.errors import UserError
+from speculation.identity import claim_identity, flatten
+from speculation.io import atomic_path, atomic_write_json, file_sha256, remove_stale_temps
 from speculation.losses import combine, confidence_loss, consistency_loss, diversity_loss, routing_loss
 from speculation.predictors.learned import PredictorInputs, build_model
+from speculation.predictors.trained import read_run
 from speculation.predictors.windows import Targets, top1_marginal, window_tensors
 from speculation.traces import SequenceDataset, TraceStore
 from speculation.tracking import Tracker
 from speculation.trainer import LoopState, train_loop
-from speculation.workdir import CURVES_FILE, METRICS_FILE, PREDICTOR_FILE, STATE_FILE, WEIGHTS_FILE
+from speculation.workdir import CURVES_FILE, IDENTITY_FILE, METRICS_FILE, PREDICTOR_FILE, STATE_FILE, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
 
 
 def check_store(store: TraceStore) -> None:
     """The learned predictors read every layer's hidden state and need train and val; one clear error if not."""
     layers = store.manifest.hidden.layers
     if layers != list(range(store.num_layers)):
-        raise ValueError(
+        raise UserError(
             f"{store.root} holds hidden states of MoE layers {layers}, but learned predictors need all "
             f"{store.num_layers}; re-collect with trace.save_hidden=true trace.hidden_layers=null."
         )
     for split in ("train", "val"):
         if split not in store.splits or store.split(split).num_rows == 0:
-            raise ValueError(f"{store.root} has no {split!r} split with tokens; spec-train needs train and val.")
+            raise UserError(f"{store.root} has no {split!r} split with tokens; spec-train needs train and val.")
 
 
 class WindowSource:
@@ -108,12 +117,50 @@ def _to(item, device):
     return item
 
 
-def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
-    """Train (or resume) one predictor into ``out_dir``; returns its metrics."""
-    check_store(store)
-    if (out_dir / PREDICTOR_FILE).exists():
-        return json.loads((out_dir / METRICS_FILE).read_text())  # finished earlier: nothing to do
+# Config keys that say where or how a run executes, not what it learns: left out of its identity.
+PLACEMENT_KEYS = ("experiment_name", "workdir", "device", "run_name", "logger", "train.overwrite")
+
+
+def run_identity(cfg: TrainConfig, store: TraceStore) -> dict:
+    """What determines a run's weights: every config value but :data:`PLACEMENT_KEYS`, and the traces' model."""
+    config = flatten(json.loads(json.dumps(asdict(cfg), default=str)))
+    kept = {k: v for k, v in config.items() if not any(k == p or k.startswith(p + ".") for p in PLACEMENT_KEYS)}
+    return {"traces_fingerprint": store.manifest.fingerprint(), **kept}
+
+
+def claim_run(cfg: TrainConfig, store: TraceStore, out_dir: Path) -> None:
+    """Make ``out_dir`` this config's run: new, or one it may resume or reuse; a UserError if it holds another."""
+    fix = "Pass run_name=NAME to train a new run beside it, or train.overwrite=true to replace it."
+    if cfg.train.overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / IDENTITY_FILE).exists():
+        raise UserError(f"{out_dir} holds a run without {IDENTITY_FILE} (an older version wrote it). {fix}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    claim_identity(out_dir / IDENTITY_FILE, run_identity(cfg, store), "a run with another config or traces", fix)
+
+
+def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
+    """Train, resume or reuse the predictor of ``cfg`` in ``out_dir``; returns its metrics.
+
+    A finished run is reused only when its identity (:func:`run_identity`) matches and its weights match their
+    checksum; a run that fails before its first checkpoint leaves no directory behind.
+    """
+    check_store(store)
+    existed = out_dir.exists()
+    claim_run(cfg, store, out_dir)
+    if (out_dir / PREDICTOR_FILE).exists():
+        read_run(out_dir)  # a finished run with broken files is refused, never silently reused
+        log.info("%s finished earlier with this config and these traces: reusing it", out_dir)
+        return json.loads((out_dir / METRICS_FILE).read_text())
+    try:
+        return _train(cfg, store, out_dir, device, tracker)
+    except BaseException:
+        if not existed and not (out_dir / STATE_FILE).exists():
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing to resume: leave nothing that looks like a run
+        raise
+
+
+def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
     remove_stale_temps(out_dir)
     train, val = (WindowSource(store, split, cfg.predictor.max_lookahead) for split in ("train", "val"))
     num_experts = store.num_experts
@@ -161,6 +208,7 @@ def _finish(
     best_state = state.extra["best_state"]
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, tmp)
+        weights_sha256 = file_sha256(tmp)
     with atomic_path(out_dir / CURVES_FILE) as tmp:
         pd.DataFrame(state.history).to_csv(tmp, index=False)
     metrics = {"best": state.extra["best"], "steps_run": state.step, "train_time_s": seconds,
@@ -175,6 +223,7 @@ def _finish(
         "traces_fingerprint": store.manifest.fingerprint(),
         "geometry": geometry,
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "weights_sha256": weights_sha256,
     }
     atomic_write_json(out_dir / PREDICTOR_FILE, meta)  # last: marks a finished run
     (out_dir / STATE_FILE).unlink(missing_ok=True)

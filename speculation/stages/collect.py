@@ -15,14 +15,18 @@ from speculation.config import to_object
 from speculation.config.model import ModelKind
 from speculation.config.stages import CollectConfig
 from speculation.corpus import corpus_fingerprint, load_documents, split_documents
-from speculation.models.hf import encode_with_hf_tokenizer, hf_identity, load_hf_model, pad_token_id
-from speculation.models.source import source_identity, train_or_load
+from speculation.errors import UserError
+from speculation.identity import json_sha256
+from speculation.io import file_sha256
+from speculation.locks import locked
+from speculation.models.hf import encode_with_hf_tokenizer, hf_identity, hf_model_digests, load_hf_model, pad_token_id
+from speculation.models.source import check_beats_unigram, source_identity, train_or_load
 from speculation.stages.device import resolve_device
 from speculation.tokenizer import PAD_ID, encode_documents, load_or_train_tokenizer
 from speculation.tracing.collection import collect_traces
 from speculation.tracing.feeders import CausalFeeder, Seq2SeqFeeder
 from speculation.tracking import Tracker, start_run
-from speculation.workdir import FIGURES_DIR, Workdir
+from speculation.workdir import FIGURES_DIR, WEIGHTS_FILE, Workdir
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ def embedded_source(
         tracker,
     )
     log.info("source model: val loss %.3f nats/token vs unigram %.3f", metrics["val_loss"], metrics["unigram_val_loss"])
+    check_beats_unigram(metrics, workdir.source_model, cfg.source_train)
     traces = workdir.traces()
     return Source(
         model=model,
@@ -71,6 +76,10 @@ def embedded_source(
                 "kind": "embedded",
                 "name": cfg.model.display_name,
                 "source_dir": os.path.relpath(workdir.source_model, traces),
+                # What determines the routing, not the corpus it was trained on (the traces' fingerprint).
+                "weights_sha256": file_sha256(workdir.source_model / WEIGHTS_FILE),
+                "tokenizer_sha256": file_sha256(workdir.tokenizer),
+                "config_sha256": json_sha256({"model": identity["model"], "router": identity["router"]}),
             },
             "tokenizer": os.path.relpath(workdir.tokenizer, traces),
             "source_metrics": {k: v for k, v in metrics.items() if k != "history"},
@@ -93,7 +102,12 @@ def hf_source(cfg: CollectConfig, splits: dict, fingerprint: str, device: torch.
         feeder=feeder,
         identity={"hf": hf_identity(cfg.model, model), "data": fingerprint},
         manifest={
-            "model": {"kind": "hf", "name": cfg.model.display_name, "path": str(cfg.model.path)},
+            "model": {
+                "kind": "hf",
+                "name": cfg.model.display_name,
+                "path": str(cfg.model.path),
+                **hf_model_digests(cfg.model, model),
+            },
             "tokenizer": str(cfg.model.path),
             "source_metrics": None,
         },
@@ -107,12 +121,16 @@ def collect(cfg: DictConfig | CollectConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    with locked(workdir.lock("traces"), f"the traces of {workdir.root}"):
+        return _collect(cfg, workdir, device)
 
+
+def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path:
     documents = load_documents(cfg.corpus)
     splits = split_documents(documents, cfg.corpus)
     for split in dict.fromkeys(["train", *cfg.trace.splits]):  # ordered, without repeats
         if not splits[split]:
-            raise ValueError(
+            raise UserError(
                 f"the corpus split {split!r} is empty ({len(documents)} documents in all). Use more documents "
                 "(corpus.max_documents) or larger corpus.val_fraction / corpus.test_fraction."
             )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from speculation.errors import UserError
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` means CUDA when present; asking for CUDA without it is an error, not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto.")
+        raise UserError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto.")
     return torch.device(name)

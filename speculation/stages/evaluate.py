@@ -24,6 +24,7 @@ from speculation.config.stages import EvaluateConfig
 from speculation.evaluation import report, tables
 from speculation.evaluation.runner import EvaluationResult, check_split, evaluate_predictors
 from speculation.io import atomic_write_text
+from speculation.locks import locked
 from speculation.plots import save_figure
 from speculation.predictors.base import Predictor
 from speculation.predictors.loading import build_heuristics, load_trained_predictors
@@ -58,7 +59,28 @@ def open_traces(cfg: EvaluateConfig, verify: bool = True) -> TraceStore:
 def methods_for(cfg: EvaluateConfig, store: TraceStore) -> tuple[list[Predictor], dict[str, str]]:
     """The heuristics and baselines of ``eval.methods`` and every trained predictor; the skipped ones, with why."""
     heuristics, skipped = build_heuristics(cfg.eval.methods, store, cfg.eval.seed)
-    return heuristics + load_trained_predictors(Workdir(cfg.workdir).predictors, store), skipped
+    trained, unfinished = load_trained_predictors(Workdir(cfg.workdir).predictors, store)
+    methods = heuristics + trained
+    return methods, skipped | unfinished | short_reach(cfg, methods)
+
+
+def short_reach(cfg: EvaluateConfig, methods: list[Predictor]) -> dict[str, str]:
+    """The methods that predict fewer lookaheads than ``eval.max_lookahead`` / ``sim.lookaheads`` ask for: the
+    rows and replays they leave out, said in the report instead of silently missing."""
+    notes = {}
+    for method in methods:
+        reach = method.max_lookahead
+        if reach is None:
+            continue
+        rows = list(range(reach + 1, cfg.eval.max_lookahead + 1))
+        replays = [d for d in cfg.sim.lookaheads if d > reach] if cfg.sim.enabled else []
+        if rows or replays:
+            missing = [f"metrics rows at d = {rows}"] * bool(rows) + [f"simulation at d = {replays}"] * bool(replays)
+            notes[f"{method.name} at d > {reach}"] = (
+                f"it predicts lookaheads 1..{reach} only, so it has no {' and no '.join(missing)}; retrain it with "
+                f"predictor.max_lookahead={max(rows + replays)} to fill them."
+            )
+    return notes
 
 
 def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skipped: dict[str, str]) -> Scores:
@@ -120,6 +142,15 @@ def log_results(tracker: Tracker, scores: Scores, simulation: Simulation | None,
 def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
     """Run the evaluate stage; returns the aggregate rows (layer ``all``), the simulation frame and the paths."""
     cfg = to_object(cfg, EvaluateConfig)
+    workdir = Workdir(cfg.workdir)
+    with (
+        locked(workdir.lock("traces"), f"the traces of {workdir.root}", shared=True),
+        locked(workdir.lock(f"eval-{cfg.eval.stack}"), f"the evaluation {workdir.eval(cfg.eval.stack)}"),
+    ):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluateConfig) -> dict:
     store = open_traces(cfg)
     methods, skipped = methods_for(cfg, store)
     tracker = start_run(

@@ -17,6 +17,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from speculation.cli import one_line_errors, run_console
 from speculation.config import CONF_DIR, to_object
 from speculation.config.model import ModelKind
 from speculation.config.rules import Geometry, check_evaluation
@@ -69,9 +70,15 @@ def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     pipeline(cfg)
 
 
+def cli() -> None:
+    """The console script: user errors as one line on stderr (speculation/cli.py)."""
+    run_console(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

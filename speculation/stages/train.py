@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from speculation.config import to_object
 from speculation.config.stages import TrainConfig
+from speculation.locks import locked
 from speculation.predictors.training import train_predictor
 from speculation.stages.device import resolve_device
 from speculation.traces import TraceStore
@@ -22,15 +23,18 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     cfg = to_object(cfg, TrainConfig)
     workdir = Workdir(cfg.workdir)
     device = resolve_device(cfg.device)
-    store = TraceStore.open(workdir.traces())
     out_dir = workdir.run(cfg.name)
-    tracker = start_run(
-        cfg, job_type="train", name=f"train-{cfg.name}", tags=[store.manifest.model_name, str(cfg.predictor.kind)]
-    )
-    try:
-        metrics = train_predictor(cfg, store, out_dir, device, tracker)
-        tracker.summary({f"best/{k}": v for k, v in (metrics.get("best") or {}).items()})
-        log.info("predictor %s written to %s: %s", cfg.name, out_dir, metrics.get("best"))
-    finally:
-        tracker.finish()
+    with (
+        locked(workdir.lock("traces"), f"the traces of {workdir.root}", shared=True),
+        locked(workdir.lock(f"run-{cfg.name}"), f"the run {out_dir}"),
+    ):
+        store = TraceStore.open(workdir.traces())
+        tags = [store.manifest.model_name, str(cfg.predictor.kind)]
+        tracker = start_run(cfg, job_type="train", name=f"train-{cfg.name}", tags=tags)
+        try:
+            metrics = train_predictor(cfg, store, out_dir, device, tracker)
+            tracker.summary({f"best/{k}": v for k, v in (metrics.get("best") or {}).items()})
+            log.info("predictor %s ready in %s: %s", cfg.name, out_dir, metrics.get("best"))
+        finally:
+            tracker.finish()
     return metrics

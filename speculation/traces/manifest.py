@@ -4,40 +4,125 @@
 :class:`Manifest` instead of dict lookups, so each fact has one spelling and one default::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "stack": "decoder",                          # the token stream of this store ("encoder": its own store)
       "other_stacks": {"encoder": "encoder"},       # relative paths of the same run's other stores
       "adapter": "embedded_switch",                 # the model family (speculation/tracing/registry.py)
-      "model": {"kind": "embedded", "name": ..., "source_dir": "../source_model"} | {"kind": "hf", "path": ...},
+      "model": {"kind": "embedded" | "hf", "name", "weights_sha256", "tokenizer_sha256", "config_sha256",
+                "source_dir": "../source_model" (embedded) | "path" (hf)},
       "geometry": {"d_model", "d_ff", "num_experts", "top_k", "num_layers", "moe_layers", "dtype",
                    "bytes_per_expert", "vocab_size", ...family-specific keys},
       "routing": {"num_experts", "max_experts_per_token", "layers": [router labels], "score": "softmax"|"sigmoid",
                   "router_config": {...} (embedded), ...family-specific knobs},
       "hidden": {"layers": [MoE-layer indices], "size": H, "source": "the router's input"},
       "dtypes": {field: numpy dtype}, "router_weights": {"file", "format"},
-      "splits": {name: {"rows", "shards": [{"name", "rows", "sha256": {file: digest}}]}},
+      "splits": {name: {"rows", "shards": [{"name", "rows", "sha256": {file: digest}, "ranges": {field: [lo, hi]}}]}},
       "corpus": {...}, "documents": "documents.parquet", "trace_config": {...}, "source_metrics": {...} | null,
       "tokenizer": ..., "figures": {...}
     }
+
+:data:`MANIFEST_SCHEMA` (JSON Schema) is checked on every read and write, and :func:`range_problems` checks each
+shard's recorded value ranges against the geometry (an expert id >= E is refused when the store opens, not when
+an index error surfaces mid-training). The fingerprint is the model's content digests, the stack and the
+geometry: it ties predictors to the model whose routing they learned, whatever corpus traced it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
+
 from speculation.config.rules import Geometry
+from speculation.errors import UserError
+from speculation.identity import json_sha256
 from speculation.workdir import MANIFEST_FILE, ROUTER_WEIGHTS_FILE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COLLECT_FIX = "re-run spec-collect to rewrite it"
-ROUTING_KEYS = {"num_experts", "max_experts_per_token", "layers"}
 SCORES = ("softmax", "sigmoid")
+RANGED_FIELDS = ("experts", "token", "doc", "pos", "seq")  # integer fields whose [min, max] each shard records
+
+_COUNT = {"type": "integer", "minimum": 1}
+_DIGEST = {"type": "string", "minLength": 1}
+_GEOMETRY_COUNTS = ("d_model", "d_ff", "num_experts", "top_k", "num_layers", "bytes_per_expert")
+_SHARD = {
+    "type": "object",
+    "required": ["name", "rows", "sha256", "ranges"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^shard-[0-9]{5}$"},
+        "rows": {"type": "integer", "minimum": 0},
+        "sha256": {"type": "object", "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        "ranges": {
+            "type": "object",
+            "required": list(RANGED_FIELDS),
+            "additionalProperties": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+        },
+    },
+}
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["schema_version", "stack", "adapter", "model", "geometry", "routing", "hidden", "splits"],
+    "properties": {
+        "schema_version": {"type": "integer"},
+        "stack": {"enum": ["decoder", "encoder"]},
+        "adapter": {"type": "string"},
+        "model": {
+            "type": "object",
+            "required": ["kind", "name", "weights_sha256", "tokenizer_sha256", "config_sha256"],
+            "properties": {
+                "kind": {"enum": ["embedded", "hf"]},
+                "name": {"type": "string"},
+                "weights_sha256": _DIGEST,
+                "tokenizer_sha256": _DIGEST,
+                "config_sha256": _DIGEST,
+            },
+        },
+        "geometry": {
+            "type": "object",
+            "required": ["d_model", "d_ff", "num_experts", "top_k", "num_layers", "moe_layers", "bytes_per_expert"],
+            "properties": {
+                **{
+                    key: _COUNT for key in ("d_model", "d_ff", "num_experts", "top_k", "num_layers", "bytes_per_expert")
+                },
+                "moe_layers": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                "vocab_size": _COUNT,
+            },
+        },
+        "routing": {
+            "type": "object",
+            "required": ["num_experts", "max_experts_per_token", "layers", "score"],
+            "properties": {
+                "num_experts": _COUNT,
+                "max_experts_per_token": _COUNT,
+                "layers": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                "score": {"enum": list(SCORES)},
+                "router_config": {"type": ["object", "null"]},
+            },
+        },
+        "hidden": {
+            "type": "object",
+            "required": ["layers", "size"],
+            "properties": {
+                "layers": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "size": {"type": "integer", "minimum": 0},
+            },
+        },
+        "splits": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["rows", "shards"],
+                "properties": {"rows": {"type": "integer", "minimum": 0}, "shards": {"type": "array", "items": _SHARD}},
+            },
+        },
+        "router_weights": {"type": "object", "required": ["file", "format"]},
+    },
+}
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(UserError):
     """A trace store on disk is corrupted or was written by an incompatible version."""
 
 
@@ -64,29 +149,26 @@ class Manifest:
     routing: Routing
     hidden: Hidden
     stack: str
-    adapter: str | None  # model family; None in hand-made stores
+    adapter: str  # the model family (speculation/tracing/registry.py)
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = MANIFEST_FILE) -> Manifest:
-        """Parse ``raw`` (read from ``source``); a ``TraceFormatError`` naming what is missing otherwise."""
+        """Parse ``raw`` (read from ``source``); a ``TraceFormatError`` naming what is wrong otherwise."""
         if problem := manifest_problem(raw):
-            raise TraceFormatError(f"{source}: {problem}; delete it and re-run spec-collect")
-        routing, hidden = raw["routing"], raw.get("hidden") or {}
-        score = routing.get("score", "softmax")
-        if score not in SCORES:
-            raise TraceFormatError(f"{source}: routing score {score!r} is not one of {SCORES}; {COLLECT_FIX}")
+            raise TraceFormatError(f"{source}: {problem}; delete the store and re-run spec-collect")
+        routing, hidden = raw["routing"], raw["hidden"]
         return cls(
             raw=raw,
             routing=Routing(
                 num_experts=int(routing["num_experts"]),
                 max_experts_per_token=int(routing["max_experts_per_token"]),
                 layers=list(routing["layers"]),
-                score=score,
+                score=routing["score"],
                 router_config=routing.get("router_config"),
             ),
-            hidden=Hidden(layers=[int(i) for i in hidden.get("layers", [])], size=int(hidden.get("size", 0))),
-            stack=str(raw.get("stack", "decoder")),
-            adapter=raw.get("adapter"),
+            hidden=Hidden(layers=[int(i) for i in hidden["layers"]], size=int(hidden["size"])),
+            stack=str(raw["stack"]),
+            adapter=raw["adapter"],
         )
 
     @property
@@ -117,7 +199,7 @@ class Manifest:
     @property
     def geometry(self) -> dict[str, Any]:
         """The traced model's geometry (d_model, d_ff, num_experts, top_k, moe_layers, bytes_per_expert, ...)."""
-        return self.raw.get("geometry") or {}
+        return self.raw["geometry"]
 
     @property
     def router_weights_file(self) -> str:
@@ -132,21 +214,51 @@ class Manifest:
         return sorted(set(layers) - set(self.hidden.layers))
 
     def fingerprint(self) -> str:
-        """Identifies the traced model: a predictor fitted on other traces must not be scored on these."""
-        identity = {
-            "model": self.raw.get("model"),
-            "geometry": self.raw.get("geometry"),
-            "layers": self.routing.layers,
-            "num_experts": self.routing.num_experts,
-        }
-        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        """Identifies the traced model by content (weights, tokenizer, config), its stack and geometry, not by
+        its name, path or corpus: a predictor fitted on other traces of the same model may be scored on these,
+        one fitted on another model may not."""
+        model = self.raw["model"]
+        return json_sha256(
+            {
+                "weights": model["weights_sha256"],
+                "tokenizer": model["tokenizer_sha256"],
+                "config": model["config_sha256"],
+                "stack": self.stack,
+                "geometry": self.geometry,
+                "layers": self.routing.layers,
+            }
+        )
 
 
 def manifest_problem(manifest: Any) -> str | None:
-    """What a manifest lacks to be read at all (None if nothing)."""
-    routing = manifest.get("routing") if isinstance(manifest, dict) else None
-    if not isinstance(routing, dict) or not set(routing) >= ROUTING_KEYS:
-        return "manifest needs 'routing': {'num_experts', 'max_experts_per_token', 'layers': [names]}"
-    if not isinstance(manifest.get("splits"), dict):
-        return "manifest needs 'splits': {split name: SplitWriter.finalize(...) result}"
-    return None
+    """What makes ``manifest`` unreadable (the first schema violation, then any range out of bounds), or None."""
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(MANIFEST_SCHEMA).iter_errors(manifest))
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path) or "the top level"
+        return f"{where}: {error.message}"
+    problems = range_problems(manifest)
+    return problems[0] if problems else None
+
+
+def range_problems(manifest: dict[str, Any]) -> list[str]:
+    """Each shard's recorded [min, max] against what the geometry allows (expert ids in [-1, E), tokens in
+    [0, vocab), positions >= 0), and the routing against the geometry."""
+    geometry, routing = manifest["geometry"], manifest["routing"]
+    problems = []
+    if routing["num_experts"] != geometry["num_experts"]:
+        problems.append(
+            f"routing.num_experts={routing['num_experts']} but geometry.num_experts={geometry['num_experts']}"
+        )
+    bad_hidden = [i for i in manifest["hidden"]["layers"] if i >= len(routing["layers"])]
+    if bad_hidden:
+        problems.append(f"hidden.layers {bad_hidden} are not among the {len(routing['layers'])} MoE layers")
+    limits = {"experts": (-1, routing["num_experts"] - 1), "doc": (0, None), "pos": (0, None), "seq": (0, None)}
+    limits["token"] = (0, geometry["vocab_size"] - 1 if "vocab_size" in geometry else None)
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            for field, (low, high) in limits.items():
+                lo, hi = shard["ranges"][field]
+                if shard["rows"] and (lo < low or (high is not None and hi > high)):
+                    allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+                    problems.append(f"{split}/{shard['name']} has {field} values in [{lo}, {hi}], outside {allowed}")
+    return problems

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from speculation.errors import MissingInputError, UserError
 from speculation.io import file_sha256
 from speculation.traces.manifest import COLLECT_FIX, SCHEMA_VERSION, Manifest, TraceFormatError
 from speculation.traces.store import ShardInfo, _load_shard
@@ -102,7 +103,7 @@ class TraceSplit:
         """Per-token metadata: columns row, doc, pos, seq, token."""
         path = self.directory / TOKENS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; re-run spec-collect (finalizing a split writes it)")
+            raise MissingInputError(f"{path} is missing; re-run spec-collect (finalizing a split writes it)")
         return pd.read_parquet(path)
 
 
@@ -127,7 +128,7 @@ class TraceStore:
         root = Path(root)
         path = root / MANIFEST_FILE
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no trace manifest in {root}; run `spec-collect workdir={Workdir.of_traces(root).root}` first "
                 "(an interrupted collection resumes where it stopped)"
             )
@@ -166,7 +167,7 @@ class TraceStore:
 
     def split(self, name: str) -> TraceSplit:
         if name not in self.manifest.splits:
-            raise ValueError(f"no split {name!r} in {self.root}; available splits: {self.splits}")
+            raise UserError(f"no split {name!r} in {self.root}; available splits: {self.splits}")
         if name not in self._split_cache:
             split = TraceSplit(self.root / name, name, self.manifest.splits[name])
             self._check_geometry(split)

@@ -29,8 +29,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from speculation.errors import UserError
 from speculation.io import atomic_directory, atomic_write_bytes, file_sha256, remove_stale_temps
-from speculation.traces.manifest import COLLECT_FIX, SCHEMA_VERSION, TraceFormatError, manifest_problem
+from speculation.traces.manifest import (
+    COLLECT_FIX,
+    RANGED_FIELDS,
+    SCHEMA_VERSION,
+    TraceFormatError,
+    manifest_problem,
+)
 from speculation.workdir import MANIFEST_FILE, SHARD_META_FILE, TOKENS_FILE
 
 TRACE_FIELDS: dict[str, np.dtype] = {
@@ -51,18 +58,21 @@ _TOKEN_COLUMNS = ("doc", "pos", "seq", "token")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One complete shard: directory name, row count and sha256 of each ``.npy`` file."""
+    """One complete shard: directory name, row count, sha256 of each ``.npy`` file and the [min, max] of each
+    integer field (checked against the geometry when a store opens: ``manifest.range_problems``)."""
 
     name: str
     rows: int
     sha256: dict[str, str]  # file name -> hex digest
+    ranges: dict[str, list[int]]  # RANGED_FIELDS -> [min, max] ([0, -1] for an empty shard)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": self.rows, "sha256": dict(sorted(self.sha256.items()))}
+        return {"name": self.name, "rows": self.rows, "sha256": dict(sorted(self.sha256.items())),
+                "ranges": dict(sorted(self.ranges.items()))}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ShardInfo:
-        return cls(name=str(data["name"]), rows=int(data["rows"]), sha256=dict(data["sha256"]))
+        return cls(str(data["name"]), int(data["rows"]), dict(data["sha256"]), dict(data["ranges"]))
 
 
 def _shard_name(index: int) -> str:
@@ -147,7 +157,19 @@ class SplitWriter:
         remove_stale_temps(self.directory)  # left by a writer that died mid-write; their contents are unusable
 
     def is_complete(self, index: int) -> bool:
-        return (self.directory / _shard_name(index) / SHARD_META_FILE).is_file()
+        """The shard's ``meta.json`` exists and every file it lists is there with its recorded size.
+
+        A shard whose files do not match its marker (a crash or a concurrent writer, say) counts as missing, so
+        the next collection rewrites it instead of failing on it forever.
+        """
+        shard_dir = self.directory / _shard_name(index)
+        try:
+            meta = json.loads((shard_dir / SHARD_META_FILE).read_text())
+            return all((shard_dir / name).stat().st_size == size for name, size in meta["bytes"].items()) and set(
+                meta["bytes"]
+            ) == set(meta["sha256"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray]) -> ShardInfo:
         """Validate, cast and atomically write one shard (see ``TRACE_FIELDS`` for shapes)."""
@@ -160,8 +182,13 @@ class SplitWriter:
                 with open(path, "wb") as handle:
                     np.save(handle, arr, allow_pickle=False)
                 digests[path.name] = file_sha256(path)  # re-read from page cache, hashes exactly what is on disk
-            info = ShardInfo(name=final.name, rows=int(cast["experts"].shape[0]), sha256=digests)
-            meta = {"rows": info.rows, "sha256": info.to_dict()["sha256"]}
+            ranges = {
+                name: [int(cast[name].min()), int(cast[name].max())] if cast[name].size else [0, -1]
+                for name in RANGED_FIELDS
+            }
+            info = ShardInfo(name=final.name, rows=int(cast["experts"].shape[0]), sha256=digests, ranges=ranges)
+            sizes = {name: (tmp / name).stat().st_size for name in digests}
+            meta = {"rows": info.rows, "sha256": info.to_dict()["sha256"], "ranges": ranges, "bytes": sizes}
             (tmp / SHARD_META_FILE).write_bytes(json.dumps(meta, sort_keys=True, indent=2).encode())
         return info
 
@@ -170,7 +197,7 @@ class SplitWriter:
         if not meta_path.is_file():
             raise FileNotFoundError(f"shard {index} of split {self.split!r} is not written: no {meta_path}")
         meta = json.loads(meta_path.read_text())
-        return ShardInfo(name=_shard_name(index), rows=int(meta["rows"]), sha256=dict(meta["sha256"]))
+        return ShardInfo(_shard_name(index), int(meta["rows"]), dict(meta["sha256"]), dict(meta["ranges"]))
 
     def read_shard(self, index: int, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Memory-map a complete shard (optionally only ``fields`` that it has)."""
@@ -184,7 +211,7 @@ class SplitWriter:
             raise ValueError(f"num_shards must be >= 1, got {num_shards} (write an empty shard instead)")
         missing = [_shard_name(i) for i in range(num_shards) if not self.is_complete(i)]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"split {self.split!r}: {self.directory / missing[0]} is missing or incomplete "
                 f"({len(missing)} of {num_shards} shards); re-run spec-collect to write it"
             )
@@ -197,7 +224,7 @@ class SplitWriter:
             if reference is None:
                 reference = signature
             elif signature != reference:
-                raise ValueError(
+                raise UserError(
                     f"{self.directory / info.name} has fields/trailing shapes {signature}, {infos[0].name} "
                     f"has {reference}; delete {self.directory} and {COLLECT_FIX}"
                 )
@@ -213,10 +240,11 @@ class SplitWriter:
 
 
 def write_manifest(root: Path | str, manifest: dict[str, Any]) -> Path:
-    """Set ``manifest["schema_version"]`` and write ``root/manifest.json`` atomically (sorted keys)."""
-    if problem := manifest_problem(manifest):
-        raise ValueError(problem)
+    """Set ``manifest["schema_version"]``, check it against the schema and write ``root/manifest.json``
+    atomically (sorted keys)."""
     manifest["schema_version"] = SCHEMA_VERSION
+    if problem := manifest_problem(manifest):
+        raise ValueError(f"manifest for {root} is invalid: {problem}")
     path = Path(root) / MANIFEST_FILE
     atomic_write_bytes(path, (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
     return path

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from speculation.config.collect import TraceConfig
 from speculation.corpus import Document
+from speculation.errors import UserError
 from speculation.health import RouterHealth
 from speculation.identity import claim_identity
 from speculation.io import atomic_path, atomic_write_json
@@ -64,7 +65,7 @@ def trace_split(
     """
     split = next(iter(writers.values())).split
     if not chunks:
-        raise ValueError(f"split {split!r} has no tokens to trace; lower corpus fractions or add documents.")
+        raise UserError(f"split {split!r} has no tokens to trace; lower corpus fractions or add documents.")
     batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
     shards = [batches[i : i + batches_per_shard] for i in range(0, len(batches), batches_per_shard)]
     model.eval()

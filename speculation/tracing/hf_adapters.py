@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from speculation.errors import UserError
 from speculation.tracing.adapters import ModelAdapter, RouterCapture, RouterSite
 
 
@@ -37,7 +38,7 @@ def _router_class(family: str, class_name: str) -> type[nn.Module]:
 
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     if not hasattr(module, class_name):
-        raise ValueError(
+        raise UserError(
             f"transformers {transformers.__version__} has no {class_name}; tracing {family} needs the "
             'transformers >= 5.18 module layout: pip install "transformers>=5.18".'
         )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from speculation.errors import UserError
 from speculation.tracing.adapters import ModelAdapter, RouterSite
 from speculation.tracing.registry import find_adapter
 
@@ -43,22 +44,18 @@ class RoutingRecorder:
         self.adapter = adapter or find_adapter(model)
         sites = [s for s in self.adapter.sites(model) if stack is None or s.stack == stack]
         if not sites:
-            raise ValueError(f"no router sites found in {type(model).__name__} (stack={stack!r}).")
+            raise UserError(f"no router sites found in {type(model).__name__} (stack={stack!r}).")
         stacks = sorted({site.stack for site in sites})
         if len(stacks) > 1:
             # Each stack reads its own token stream (encoder vs decoder), so their rows cannot share one table.
-            raise ValueError(
-                f"{type(model).__name__} has routers in stacks {stacks}; record one at a time (stack=...)."
-            )
+            raise UserError(f"{type(model).__name__} has routers in stacks {stacks}; record one at a time (stack=...).")
         self.stack = stacks[0]
         self.sites: list[RouterSite] = sites
         all_sites = range(len(self.sites))
         self.hidden_sites = list(all_sites if hidden_sites is None else hidden_sites)
         bad = [i for i in self.hidden_sites if i not in all_sites]
         if bad:
-            raise ValueError(
-                f"hidden layer indices {bad} are out of range: the model has {len(self.sites)} MoE layers."
-            )
+            raise UserError(f"hidden layer indices {bad} are out of range: the model has {len(self.sites)} MoE layers.")
         self._captures: dict[int, tuple[tuple, dict, Any]] = {}
         self._handles: list[Any] = []
 

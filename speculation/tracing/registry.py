@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from speculation.errors import UserError
 from speculation.tracing.adapters import EmbeddedSwitchAdapter, ModelAdapter
 from speculation.tracing.hf_adapters import SwitchTransformersAdapter, TopKRouterAdapter
 
@@ -41,6 +42,6 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     for adapter in ADAPTERS.values():
         if adapter.matches(model):
             return adapter
-    raise ValueError(
+    raise UserError(
         f"{type(model).__name__} is not a supported MoE model; supported families: {', '.join(sorted(ADAPTERS))}."
     )
