@@ -44,7 +44,7 @@ def _holder(path: Path) -> str:
 def locked(path: Path, what: str, shared: bool = False) -> Iterator[None]:
     """Hold ``path`` (created if needed) exclusively, or ``shared`` with other readers, for the block.
 
-    ``what`` names the locked thing in the refusal: "<what> is in use by pid N (...); wait for it ...".
+    ``what`` names the locked thing in the refusal: "cannot lock <what>: it is in use by pid N (...); wait ...".
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,8 @@ def locked(path: Path, what: str, shared: bool = False) -> Iterator[None]:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(
-                f"{what} is in use by {_holder(path)}; wait for it to finish (or stop it), then run this again."
+                f"cannot lock {what}: it is in use by {_holder(path)}; wait for it to finish (or stop it), then run "
+                "this again."
             ) from None
         if not shared:
             os.ftruncate(fd, 0)

@@ -169,7 +169,9 @@ def test_a_second_collection_refuses_at_once_naming_the_holder(workdir, run, mod
         assert holder.stdout.readline().strip() == "held"
         result = run("spec-collect", *TINY_COLLECT, f"workdir={workdir}")
         who = f"pid {holder.pid}" if mode == "exclusive" else "another process reading it"
-        assert_user_error(result, f"the traces of {workdir} is in use by {who}", "wait for it to finish")
+        assert_user_error(
+            result, f"cannot lock the traces of {workdir}: it is in use by {who}", "wait for it to finish"
+        )
         if mode == "shared":  # readers share the traces: a training run goes ahead
             assert run("spec-train", *TRAIN, f"workdir={workdir}").code == 0
     finally:

@@ -71,7 +71,7 @@ def load_weights(model: torch.nn.Module, run_dir: Path) -> None:
         raise UserError(f"{weights} is not a readable safetensors file ({err}); {retrain_fix(run_dir)}.") from None
     broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
     if broken:
-        raise UserError(f"{weights} holds NaN or inf in {broken[:3]}; {retrain_fix(run_dir)}, with a lower train.lr.")
+        raise UserError(f"{weights} holds NaN or inf in {broken[:3]} (lower train.lr); {retrain_fix(run_dir)}.")
     try:
         model.load_state_dict(tensors)
     except RuntimeError as err:
