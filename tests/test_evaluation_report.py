@@ -39,5 +39,6 @@ def test_the_lookahead_table_keeps_one_lookahead_and_renders_its_interval():
     header, _, random_row, _ = (
         [cell.strip() for cell in line.split("|")[1:-1]] for line in render_lookahead_table(table, 2).splitlines()
     )
-    assert header[:3] == ["method", "top-1 [95 % CI]", "recall@2"] and len(header) == 10
+    assert header[:5] == ["method", "top-1 [95 % CI]", "recall@2", "top-1 on misses", "recall@2 on misses"]
+    assert len(header) == 12
     assert random_row[:3] == ["random", "0.125 [0.115, 0.135]", "0.000"]

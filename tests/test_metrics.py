@@ -15,6 +15,7 @@ from speculation.evaluation.metrics import (
     bootstrap_ci,
     expected_calibration_error,
     token_metrics,
+    would_be_misses,
 )
 
 # 4 tokens, E = 4, K = 2 (a variable-k router): selected sets {1, 2}, {3}, dropped, {0}.
@@ -97,3 +98,26 @@ def test_bootstrap_over_documents():
     low, high = bootstrap_ci(np.array([0.0, 10.0]), np.array([10.0, 10.0]), 2000, seed=0)
     assert low == pytest.approx(0.0) and high == pytest.approx(1.0)
     assert all(math.isnan(v) for v in bootstrap_ci(np.array([3.0]), np.array([0.0]), 100, 0))  # no tokens
+
+
+def test_would_be_misses_by_hand():
+    # One layer, K = 2 (slot 1 unused): sequence A routes 0, 1, 0, 2, 1; sequence B starts at row 5 and routes 1.
+    experts = np.array([[0, -1], [1, -1], [0, -1], [2, -1], [1, -1], [1, -1]])
+    prev = np.array([-1, 0, 1, 2, 3, -1])
+    # window 2, row 4: rows 3 and 2 used {2, 0}, so 1 misses; window 3 adds row 1 (expert 1): a hit.
+    np.testing.assert_array_equal(would_be_misses(experts, prev, 2), [True, True, False, True, True, True])
+    np.testing.assert_array_equal(would_be_misses(experts, prev, 3), [True, True, False, True, False, True])
+    np.testing.assert_array_equal(would_be_misses(experts, prev, 1), [True, True, True, True, True, True])
+    second_slot = experts.copy()
+    second_slot[3, 1] = 1  # row 3 also used expert 1 (in its second slot): row 4 is a hit even with window 1
+    assert not would_be_misses(second_slot, prev, 1)[4]
+
+
+def test_miss_metrics_score_the_would_be_misses_alone():
+    miss = np.array([True, False, True, False])  # token 2 has no top-1 (dropped): never scored
+    values = token_metrics(PROBS, PROBS.max(1), EXPERTS, ROUTER, PREV, budget=2, miss_N=miss)
+    np.testing.assert_array_equal(values["miss_share"], [1, 0, np.nan, 0])
+    np.testing.assert_array_equal(values["miss_top1_acc"], [1, np.nan, np.nan, np.nan])
+    np.testing.assert_array_equal(values["miss_recall_at_budget"], [1, np.nan, np.nan, np.nan])
+    without = token_metrics(PROBS, PROBS.max(1), EXPERTS, ROUTER, PREV, budget=2)
+    assert np.isnan(without["miss_share"]).all() and np.isnan(without["miss_top1_acc"]).all()

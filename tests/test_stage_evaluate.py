@@ -29,6 +29,9 @@ def test_spec_evaluate_writes_every_file(evaluated):
     assert sorted(pooled["lookahead"].unique()) == [1, 2, 3]
     assert (pooled["top1_ci_low"] <= pooled["top1_acc"]).all() and (pooled["top1_acc"] <= pooled["top1_ci_high"]).all()
     assert (pooled[pooled["method"] == "oracle"]["top1_acc"] == 1.0).all()
+    assert (pooled[pooled["method"] == "oracle"]["miss_top1_acc"] == 1.0).all()
+    for _, cell in pooled.groupby("lookahead"):  # would-be misses do not depend on the method
+        assert cell["miss_share"].between(0, 1, inclusive="right").all() and cell["miss_share"].nunique() == 1
     for name in TRAINED:  # the predictors reach d <= 2 and are scored there only
         scored = pooled[pooled["method"] == name]
         assert sorted(scored["lookahead"]) == [1, 2] and scored["top1_acc"].between(0, 1).all()

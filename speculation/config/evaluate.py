@@ -35,9 +35,10 @@ class EvalConfig:
     seed: int = 0
     block_rows: int = 65536  # rows per evaluation block (whole sequences; bounds memory)
     max_tokens: int | None = None  # stop after about this many tokens (whole blocks); None = the whole split
+    miss_window: int = 4  # a would-be miss: the target expert was used by none of the previous miss_window tokens
 
     def __post_init__(self) -> None:
-        for name in ("max_lookahead", "prefetch_budget", "block_rows"):
+        for name in ("max_lookahead", "prefetch_budget", "block_rows", "miss_window"):
             positive(f"eval.{name}", getattr(self, name))
         check_seed("eval.seed", self.seed)
         if self.max_tokens is not None:

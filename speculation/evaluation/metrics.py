@@ -18,6 +18,11 @@ its selected set S (experts >= 0; slot 0 is the router's top-1 choice) and its d
 - ``conf_corr``: Spearman correlation of confidence and top-1 correctness (confidences grouped to 1e-3).
 - ``stability``: fraction of tokens (with a predecessor in the same sequence) whose predicted top-1 differs from
   the predecessor's: lower means fewer cache changes.
+- *would-be misses* (:func:`would_be_misses`): tokens whose target top-1 expert was used, in any slot, by none of
+  the previous ``window`` tokens of the same sequence at the target layer (a sequence's first token always is
+  one): the copies a cache of recently used experts would have to make on demand, so the only tokens where a
+  prefetch can save time. ``miss_share`` is their share of the tokens with a top-1; ``miss_top1_acc`` and
+  ``miss_recall_at_budget`` are ``top1_acc`` and ``recall_at_budget`` on them alone.
 Confidence intervals for top-1 accuracy come from a bootstrap over documents (percentile, 95 %).
 """
 
@@ -29,7 +34,22 @@ import numpy as np
 
 ECE_BINS = 15
 RANK_BINS = 1001  # confidence grouped to 1e-3 for the Spearman ranks
-PER_TOKEN = ("top1_acc", "recall_at_budget", "exact_set", "f1", "kl", "brier", "stability")
+PER_TOKEN = ("top1_acc", "recall_at_budget", "exact_set", "f1", "kl", "brier", "stability", "miss_share",
+             "miss_top1_acc", "miss_recall_at_budget")  # fmt: skip
+
+
+def would_be_misses(experts_NK: np.ndarray, prev_N: np.ndarray, window: int) -> np.ndarray:
+    """[N] bool: the router's top-1 expert (slot 0) was used by none of the previous ``window`` tokens of the same
+    sequence (``prev_N`` chains them; -1 ends a sequence) at this layer."""
+    top1_N = experts_NK[:, 0]
+    seen_N = np.zeros(len(top1_N), dtype=bool)
+    rows_N = prev_N
+    for _ in range(window):
+        has_N = rows_N >= 0
+        safe_N = np.where(has_N, rows_N, 0)
+        seen_N |= has_N & (experts_NK[safe_N] == top1_N[:, None]).any(1)
+        rows_N = np.where(has_N, prev_N[safe_N], -1)
+    return ~seen_N
 
 
 def token_metrics(
@@ -39,8 +59,12 @@ def token_metrics(
     router_probs_NE: np.ndarray,
     prev_N: np.ndarray,
     budget: int,
+    miss_N: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-token values (float64, NaN where undefined) of every per-token metric, plus ``confidence``."""
+    """Per-token values (float64, NaN where undefined) of every per-token metric, plus ``confidence``.
+
+    ``miss_N``: the would-be misses of the target layer (:func:`would_be_misses`); without it the miss metrics are
+    undefined (NaN)."""
     num_tokens, num_experts = probs_NE.shape
     order_NE = np.argsort(-probs_NE, axis=1, kind="stable")
     predicted_top1 = order_NE[:, 0]
@@ -70,6 +94,8 @@ def token_metrics(
     has_prev = prev_N >= 0
     changed = np.where(has_prev, predicted_top1 != predicted_top1[np.where(has_prev, prev_N, 0)], np.nan)
     confidence = confidence_N.astype(np.float64)
+    miss = np.zeros(num_tokens, dtype=bool) if miss_N is None else miss_N
+    known = has_top1 & (miss_N is not None)
     return {
         "top1_acc": correct,
         "recall_at_budget": recall,
@@ -78,6 +104,9 @@ def token_metrics(
         "kl": kl,
         "brier": np.where(has_top1, (confidence - np.nan_to_num(correct)) ** 2, np.nan),
         "stability": changed.astype(float),
+        "miss_share": np.where(known, miss.astype(float), np.nan),
+        "miss_top1_acc": np.where(known & miss, correct, np.nan),
+        "miss_recall_at_budget": np.where(known & miss, recall, np.nan),
         "confidence": np.where(has_top1, confidence, np.nan),
     }
 
@@ -95,6 +124,8 @@ class MetricAccumulator:
 
     def update(self, values: dict[str, np.ndarray], doc_N: np.ndarray) -> None:
         for name in PER_TOKEN:
+            if name not in values:
+                continue
             defined = ~np.isnan(values[name])
             if name not in self.sums:
                 self.sums[name] = np.zeros(self.num_docs)
@@ -122,7 +153,7 @@ class MetricAccumulator:
         self.tokens += other.tokens
 
     def mean(self, name: str) -> float:
-        count = self.counts[name].sum()
+        count = self.counts[name].sum() if name in self.counts else 0
         return float(self.sums[name].sum() / count) if count else float("nan")
 
     def summary(self, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:

@@ -70,10 +70,13 @@ def render_lookahead_table(table: pd.DataFrame, budget: int) -> str:
                 f"{row.top1_acc:.3f} [{row.top1_ci_low:.3f}, {row.top1_ci_high:.3f}]" for row in table.itertuples()
             ],
             f"recall@{budget}": table["recall_at_budget"],
+            "top-1 on misses": table["miss_top1_acc"],
+            f"recall@{budget} on misses": table["miss_recall_at_budget"],
             **{label: table[column] for column, label in _SHOWN.items()},
         }
     )
-    return to_markdown(shown, dict.fromkeys([f"recall@{budget}", *_SHOWN.values()], "{:.3f}"))
+    numbers = [f"recall@{budget}", "top-1 on misses", f"recall@{budget} on misses", *_SHOWN.values()]
+    return to_markdown(shown, dict.fromkeys(numbers, "{:.3f}"))
 
 
 _SHOWN = {"exact_set": "exact set", "f1": "F1", "kl": "KL", "ece": "ECE", "brier": "Brier",
@@ -101,9 +104,16 @@ def markdown_sections(frame: pd.DataFrame, result: EvaluationResult, context: di
         f"documents ({context['bootstrap']} resamples). Prefetch budget = {budget}. Heuristics are fitted on the "
         f"train split only. Evaluation ran at {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s.",
         "",
+        f"*Would-be misses* are the tokens whose target expert none of the previous {context['miss_window']} tokens "
+        "of the sequence used at that layer: the copies a cache of recently used experts would make on demand, so "
+        'the only tokens where a prefetch can save time. The "on misses" columns score those tokens alone.',
+        "",
     ]
     for d in sorted(aggregate(frame)["lookahead"].unique()):
-        lines += [f"## Lookahead d = {d}", "", render_lookahead_table(lookahead_table(frame, d), budget), ""]
+        table = lookahead_table(frame, d)
+        share = table["miss_share"].iloc[0]  # the same tokens for every method at this lookahead
+        lines += [f"## Lookahead d = {d}", "", f"Would-be misses: {share:.1%} of the scored tokens.", "",
+                  render_lookahead_table(table, budget), ""]  # fmt: skip
     if result.skipped:
         lines += ["## Not evaluated", ""] + [f"- **{m}**: {why}" for m, why in result.skipped.items()] + [""]
     return lines

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from speculation.errors import UserError
-from speculation.evaluation.metrics import MetricAccumulator, token_metrics
+from speculation.evaluation.metrics import MetricAccumulator, token_metrics, would_be_misses
 from speculation.predictors.base import Predictor
 from speculation.traces import TraceStore
 from speculation.traces.batches import iter_batches, load_batch
@@ -47,6 +47,7 @@ def evaluate_predictors(
     bootstrap: int = 1000,
     seed: int = 0,
     max_tokens: int | None = None,
+    miss_window: int = 4,
 ) -> EvaluationResult:
     """Fit every predictor on the train split, then score it causally on ``split``.
 
@@ -66,6 +67,7 @@ def evaluate_predictors(
     for batch in iter_batches(store, split, block_rows):
         if max_tokens is not None and tokens >= max_tokens:
             break
+        misses = {t: would_be_misses(batch.experts_NLK[:, t], batch.prev_N, miss_window) for t in range(num_layers)}
         for layer in range(num_layers - 1):
             for predictor in predictors:
                 asked = predictor.lookaheads_at(layer, num_layers, max_lookahead)
@@ -80,6 +82,7 @@ def evaluate_predictors(
                         batch.probs_NLE[:, layer + d],
                         batch.prev_N,
                         budget,
+                        misses[layer + d],
                     )
                     key = (predictor.name, d, layer)
                     accumulators.setdefault(key, MetricAccumulator(num_docs)).update(values, batch.doc_N)

@@ -21,7 +21,7 @@ HEURISTICS = ("layer_minus_1", "multi_layer", "pattern", "adaptive")
 ROLES = {"random": "bound: chance", "oracle": "bound: perfect", **dict.fromkeys(PRIORS, "prior"),
          **dict.fromkeys(HEURISTICS, "heuristic"), "gate_lookahead": "router baseline"}  # fmt: skip
 METRICS = ["top1_acc", "top1_ci_low", "top1_ci_high", "recall_at_budget", "exact_set", "f1", "kl", "ece", "brier",
-           "conf_corr", "stability"]  # fmt: skip
+           "conf_corr", "stability", "miss_share", "miss_top1_acc", "miss_recall_at_budget"]  # fmt: skip
 
 
 def read_metrics(eval_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -95,6 +95,7 @@ def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skip
         bootstrap=cfg.eval.bootstrap,
         seed=cfg.eval.seed,
         max_tokens=cfg.eval.max_tokens,
+        miss_window=cfg.eval.miss_window,
     )
     result.skipped = skipped
     groups = {m.name: m.group for m in methods if isinstance(m, TrainedPredictor)}
@@ -106,6 +107,7 @@ def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skip
         "documents": int(tables.aggregate(frame)["n_docs"].max()),
         "bootstrap": cfg.eval.bootstrap,
         "prefetch_budget": cfg.eval.prefetch_budget,
+        "miss_window": cfg.eval.miss_window,
         "traces": str(store.root),
     }
     return Scores(result, frame, context)
