@@ -35,13 +35,22 @@ def differing_keys(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return sorted(key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key))
 
 
-def claim_identity(path: Path, identity: dict[str, Any], holds: str, fix: str) -> None:
+def claim_identity(
+    path: Path, identity: dict[str, Any], holds: str, fix: str, defaults: dict[str, Any] | None = None
+) -> None:
     """Write ``identity`` to ``path`` if it is new, else refuse one that differs from the saved one.
 
+    ``defaults`` (dotted keys): a key the saved identity lacks still matches when the wanted value is its default,
+    so an option added later (whose default keeps the old behaviour) does not invalidate what was made before it.
     The error reads ``<directory> holds <holds> (differs in: <keys>). <fix>``.
     """
     if path.exists():
-        differing = differing_keys(json.loads(path.read_text()), identity)
+        saved = flatten(json.loads(path.read_text()))
+        defaults = flatten(defaults or {})
+        differing = [
+            key for key in differing_keys(saved, identity)
+            if key in saved or key not in defaults or flatten(identity).get(key) != defaults[key]
+        ]  # fmt: skip
         if differing:
             raise UserError(f"{path.parent} holds {holds} (differs in: {', '.join(differing)}). {fix}")
         return

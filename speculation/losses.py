@@ -46,8 +46,11 @@ def routing_loss(
     router_probs_BTLDE: Tensor,
     valid_BTLD: Tensor,
     mode: str = "ce",
+    weight_BTLD: Tensor | None = None,
 ) -> Tensor:
     """Distance of the predicted distribution q = softmax(logits) to the router's decision at layer l + d.
+
+    ``weight_BTLD``: per-entry weights w; the loss is then sum(w · loss) / sum(w) over valid entries.
 
     mode "ce": cross-entropy to the router's top-1 choice, mean over valid of -log q[target].
     mode "kl": KL(r || q) = sum_e r_e (log r_e - log q_e), with 0 log 0 = 0, averaged over valid entries.
@@ -60,13 +63,20 @@ def routing_loss(
     if mode == "ce":
         target_BTLD = torch.where(valid_BTLD, target_BTLD, 0)
         nll_BTLD = -log_q_BTLDE.gather(-1, target_BTLD[..., None]).squeeze(-1)
-        return masked_mean(nll_BTLD, valid_BTLD)
+        return _weighted_mean(nll_BTLD, valid_BTLD, weight_BTLD)
     assert router_probs_BTLDE.shape == logits_BTLDE.shape, (
         f"router_probs {tuple(router_probs_BTLDE.shape)} vs logits {tuple(logits_BTLDE.shape)}"
     )
     r_BTLDE = torch.where(valid_BTLD[..., None], router_probs_BTLDE.float(), 0.0)
     kl_BTLD = (torch.xlogy(r_BTLDE, r_BTLDE) - r_BTLDE * log_q_BTLDE).sum(-1)
-    return masked_mean(kl_BTLD, valid_BTLD)
+    return _weighted_mean(kl_BTLD, valid_BTLD, weight_BTLD)
+
+
+def _weighted_mean(values: Tensor, mask: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return masked_mean(values, mask)
+    weight = torch.where(mask, weight.float(), 0.0)
+    return (torch.where(mask, values.float(), 0.0) * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def confidence_loss(logits_BTLDE: Tensor, confidence_BTLD: Tensor, target_BTLD: Tensor, valid_BTLD: Tensor) -> Tensor:

@@ -29,3 +29,14 @@ def test_a_new_identity_is_written_a_match_passes_and_another_is_refused(tmp_pat
     ):
         claim_identity(path, {"model": {"k": 2}}, holds="a model", fix="Use another workdir.")
     assert json.loads(path.read_text()) == {"model": {"k": 1}}  # the refused identity changed nothing
+
+
+def test_an_option_added_later_matches_at_its_default_only(tmp_path):
+    path = tmp_path / "identity.json"
+    claim_identity(path, {"train": {"lr": 0.1}}, holds="a run", fix="Fix.")  # made before "loss.miss_weight" existed
+    defaults = {"train": {"lr": 0.2}, "loss": {"miss_weight": 0.0}}
+    claim_identity(path, {"train": {"lr": 0.1}, "loss": {"miss_weight": 0.0}}, "a run", "Fix.", defaults)
+    with pytest.raises(ValueError, match=r"differs in: loss.miss_weight\)"):
+        claim_identity(path, {"train": {"lr": 0.1}, "loss": {"miss_weight": 2.0}}, "a run", "Fix.", defaults)
+    with pytest.raises(ValueError, match=r"differs in: train.lr\)"):  # a saved key is compared as it is
+        claim_identity(path, {"train": {"lr": 0.2}, "loss": {"miss_weight": 0.0}}, "a run", "Fix.", defaults)

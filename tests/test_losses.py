@@ -210,3 +210,15 @@ def test_a_few_adam_steps_lower_each_term(term):
         optimizer.step()
     assert initial > 0
     assert loss().item() < 0.5 * initial
+
+
+def test_weights_shift_the_routing_loss_towards_heavy_tokens():
+    logits = cell([0.0, 0.0], [math.log(3.0), 0.0])  # token 0: q(0) = 1/2; token 1: q(0) = 3/4
+    target = torch.zeros(1, 2, 1, 1, dtype=torch.long)
+    nll = [math.log(2.0), math.log(4 / 3)]
+    plain = routing_loss(logits, target, logits, mask(True, True))
+    assert plain.item() == pytest.approx(sum(nll) / 2, rel=1e-6)
+    weight = torch.tensor([3.0, 1.0]).reshape(1, 2, 1, 1)  # token 0 a would-be miss with miss_weight = 2
+    weighted = routing_loss(logits, target, logits, mask(True, True), weight_BTLD=weight)
+    assert weighted.item() == pytest.approx((3 * nll[0] + nll[1]) / 4, rel=1e-6)
+    assert routing_loss(logits, target, logits, mask(True, False), weight_BTLD=weight).item() == pytest.approx(nll[0])

@@ -15,8 +15,8 @@ from speculation.evaluation.metrics import (
     bootstrap_ci,
     expected_calibration_error,
     token_metrics,
-    would_be_misses,
 )
+from speculation.traces.batches import would_be_misses
 
 # 4 tokens, E = 4, K = 2 (a variable-k router): selected sets {1, 2}, {3}, dropped, {0}.
 PROBS = np.array([[0.1, 0.5, 0.3, 0.1], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.6, 0.3, 0.05, 0.05]])

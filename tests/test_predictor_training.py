@@ -69,3 +69,12 @@ def test_traces_without_hidden_states_are_refused(tmp_path):
     collect(compose_config("collect", overrides))
     with pytest.raises(ValueError, match=r"need all .*trace.save_hidden=true"):
         train(config(target))
+
+
+def test_the_miss_weighted_loss_trains_another_model(workdir):
+    train(config(workdir, "run_name=plain"))
+    train(config(workdir, "run_name=misses", "loss.miss_weight=2"))
+    plain, misses = (load_file(Workdir(workdir).run(name) / WEIGHTS_FILE) for name in ("plain", "misses"))
+    assert any(not torch.equal(plain[name], misses[name]) for name in plain)  # the same seed, a different loss
+    identity = json.loads((Workdir(workdir).run("misses") / "identity.json").read_text())
+    assert identity["loss.miss_weight"] == 2.0 and identity["loss.miss_window"] == 4

@@ -50,6 +50,10 @@ class LossConfig:
     confidence: float = 0.5
     consistency: float = 0.0
     diversity: float = 0.05
+    # Would-be misses (the target expert was used by none of the previous miss_window tokens at that layer) weigh
+    # 1 + miss_weight in the routing loss: only they cost time, so a prefetch predictor should be right on them.
+    miss_weight: float = 0.0
+    miss_window: int = 4
 
     def __post_init__(self) -> None:
         require(
@@ -58,6 +62,8 @@ class LossConfig:
         )
         for name in LOSS_TERMS:
             require(getattr(self, name) >= 0, f"loss.{name}={getattr(self, name)} must be >= 0.")
+        require(self.miss_weight >= 0, f"loss.miss_weight={self.miss_weight} must be >= 0 (0: every token alike).")
+        positive("loss.miss_window", self.miss_window)
 
     @property
     def weights(self) -> dict[str, float]:

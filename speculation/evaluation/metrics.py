@@ -32,24 +32,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from speculation.traces.batches import would_be_misses
+
 ECE_BINS = 15
 RANK_BINS = 1001  # confidence grouped to 1e-3 for the Spearman ranks
+__all__ = ["MetricAccumulator", "token_metrics", "would_be_misses"]
 PER_TOKEN = ("top1_acc", "recall_at_budget", "exact_set", "f1", "kl", "brier", "stability", "miss_share",
              "miss_top1_acc", "miss_recall_at_budget")  # fmt: skip
-
-
-def would_be_misses(experts_NK: np.ndarray, prev_N: np.ndarray, window: int) -> np.ndarray:
-    """[N] bool: the router's top-1 expert (slot 0) was used by none of the previous ``window`` tokens of the same
-    sequence (``prev_N`` chains them; -1 ends a sequence) at this layer."""
-    top1_N = experts_NK[:, 0]
-    seen_N = np.zeros(len(top1_N), dtype=bool)
-    rows_N = prev_N
-    for _ in range(window):
-        has_N = rows_N >= 0
-        safe_N = np.where(has_N, rows_N, 0)
-        seen_N |= has_N & (experts_NK[safe_N] == top1_N[:, None]).any(1)
-        rows_N = np.where(has_N, prev_N[safe_N], -1)
-    return ~seen_N
 
 
 def token_metrics(

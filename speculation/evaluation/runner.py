@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from speculation.errors import UserError
-from speculation.evaluation.metrics import MetricAccumulator, token_metrics, would_be_misses
+from speculation.evaluation.metrics import MetricAccumulator, token_metrics
 from speculation.predictors.base import Predictor
 from speculation.traces import TraceStore
-from speculation.traces.batches import iter_batches, load_batch
+from speculation.traces.batches import iter_batches, load_batch, would_be_misses
 
 
 @dataclass

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
+from speculation.config.predictor import LossConfig
 from speculation.config.stages import TrainConfig
 from speculation.errors import UserError
 from speculation.identity import claim_identity, flatten
@@ -55,10 +56,11 @@ def check_store(store: TraceStore) -> None:
 class WindowSource:
     """Whole traced sequences of a split as padded windows, batched by index."""
 
-    def __init__(self, store: TraceStore, split: str, max_lookahead: int) -> None:
+    def __init__(self, store: TraceStore, split: str, max_lookahead: int, miss_window: int = 4) -> None:
         self.dataset = SequenceDataset(store.split(split), fields=("experts", "logits", "hidden"))
         self.score = store.manifest.routing.score
         self.max_lookahead = max_lookahead
+        self.miss_window = miss_window
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -69,15 +71,17 @@ class WindowSource:
             key: torch.stack([item[key] for item in items]).numpy() for key in ("experts", "logits", "hidden", "mask")
         }
         return window_tensors(
-            stack["experts"], stack["logits"], stack["hidden"], stack["mask"], self.score, self.max_lookahead
-        )
+            stack["experts"], stack["logits"], stack["hidden"], stack["mask"], self.score, self.max_lookahead,
+            self.miss_window,
+        )  # fmt: skip
 
 
-def loss_terms(model, inputs: PredictorInputs, targets: Targets, marginal_LDE, routing_mode: str) -> tuple:
+def loss_terms(model, inputs: PredictorInputs, targets: Targets, marginal_LDE, loss: LossConfig) -> tuple:
     outputs = model(inputs)
     logits, top1, valid = outputs.logits_BTLDE, targets.top1_BTLD, targets.valid_BTLD
+    weight = 1.0 + loss.miss_weight * targets.miss_BTLD.float() if loss.miss_weight else None
     terms = {
-        "routing": routing_loss(logits, top1, targets.probs_BTLDE, valid, routing_mode),
+        "routing": routing_loss(logits, top1, targets.probs_BTLDE, valid, loss.routing_mode, weight),
         "confidence": confidence_loss(logits, outputs.confidence_BTLD, top1, valid),
         "consistency": consistency_loss(logits, targets.pair_BT, valid),
         "diversity": diversity_loss(logits, valid, marginal_LDE),
@@ -95,7 +99,7 @@ def validate(model, source: WindowSource, indices: np.ndarray, marginal_LDE, cfg
     for start in range(0, len(indices), cfg.train.batch_size):
         inputs, targets = source.batch(indices[start : start + cfg.train.batch_size])
         inputs, targets = _to(inputs, device), _to(targets, device)
-        outputs, terms = loss_terms(model, inputs, targets, marginal_LDE, cfg.loss.routing_mode)
+        outputs, terms = loss_terms(model, inputs, targets, marginal_LDE, cfg.loss)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value)
         hits = (outputs.logits_BTLDE.argmax(-1) == targets.top1_BTLD) & targets.valid_BTLD
@@ -121,11 +125,14 @@ def _to(item, device):
 PLACEMENT_KEYS = ("experiment_name", "workdir", "device", "run_name", "logger", "train.overwrite")
 
 
+def _learning_config(cfg: TrainConfig) -> dict:
+    config = flatten(json.loads(json.dumps(asdict(cfg), default=str)))
+    return {k: v for k, v in config.items() if not any(k == p or k.startswith(p + ".") for p in PLACEMENT_KEYS)}
+
+
 def run_identity(cfg: TrainConfig, store: TraceStore) -> dict:
     """What determines a run's weights: every config value but :data:`PLACEMENT_KEYS`, and the traces' model."""
-    config = flatten(json.loads(json.dumps(asdict(cfg), default=str)))
-    kept = {k: v for k, v in config.items() if not any(k == p or k.startswith(p + ".") for p in PLACEMENT_KEYS)}
-    return {"traces_fingerprint": store.manifest.fingerprint(), **kept}
+    return {"traces_fingerprint": store.manifest.fingerprint(), **_learning_config(cfg)}
 
 
 def claim_run(cfg: TrainConfig, store: TraceStore, out_dir: Path) -> None:
@@ -136,7 +143,9 @@ def claim_run(cfg: TrainConfig, store: TraceStore, out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / IDENTITY_FILE).exists():
         raise UserError(f"{out_dir} holds a run without {IDENTITY_FILE} (an older version wrote it). {fix}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    claim_identity(out_dir / IDENTITY_FILE, run_identity(cfg, store), "a run with another config or traces", fix)
+    defaults = _learning_config(TrainConfig())  # an option added since the run was made matches at its default
+    identity = run_identity(cfg, store)
+    claim_identity(out_dir / IDENTITY_FILE, identity, "a run with another config or traces", fix, defaults)
 
 
 def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
@@ -162,7 +171,7 @@ def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: 
 
 def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
     remove_stale_temps(out_dir)
-    train, val = (WindowSource(store, split, cfg.predictor.max_lookahead) for split in ("train", "val"))
+    train, val = (WindowSource(store, s, cfg.predictor.max_lookahead, cfg.loss.miss_window) for s in ("train", "val"))
     num_experts = store.num_experts
     marginal = top1_marginal(store.split("train").array("experts"), num_experts, cfg.predictor.max_lookahead).to(device)
     val_indices = np.random.default_rng([cfg.seed, 10**6]).permutation(len(val))[: cfg.train.val_windows]
@@ -178,7 +187,7 @@ def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.dev
         inputs, targets = train.batch(rng.integers(0, len(train), size=cfg.train.batch_size))
         inputs.masked_BTL = torch.from_numpy(rng.random(inputs.probs_BTLE.shape[:3]) < cfg.train.mask_prob)
         inputs, targets = _to(inputs, device), _to(targets, device)
-        _, terms = loss_terms(model, inputs, targets, marginal, cfg.loss.routing_mode)
+        _, terms = loss_terms(model, inputs, targets, marginal, cfg.loss)
         loss = combine(terms, weights)
         return loss, {"train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in terms.items()}}
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from speculation.predictors.learned import PredictorInputs
-from speculation.traces.batches import router_distribution
+from speculation.traces.batches import router_distribution, would_be_misses
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Targets:
     probs_BTLDE: torch.Tensor  # float32, the router's distribution at layer l + d
     valid_BTLD: torch.Tensor  # bool: a real token, l + d < L and a top-1 exists
     pair_BT: torch.Tensor  # bool: token t - 1 is a real token of the same window
+    miss_BTLD: torch.Tensor  # bool: a would-be miss at layer l + d (``would_be_misses`` over the window)
 
 
 def shift_layers(values_BTL_: torch.Tensor, max_lookahead: int, fill: float) -> torch.Tensor:
@@ -43,6 +44,7 @@ def window_tensors(
     mask_BT: np.ndarray,
     score: str,
     max_lookahead: int,
+    miss_window: int = 4,
 ) -> tuple[PredictorInputs, Targets]:
     """Model inputs and targets for a batch of padded windows (numpy in, float32/long torch out)."""
     probs = torch.from_numpy(router_distribution(logits_BTLE, score))
@@ -60,8 +62,21 @@ def window_tensors(
         probs_BTLDE=shift_layers(probs, max_lookahead, fill=0.0),
         valid_BTLD=top1_BTLD >= 0,
         pair_BT=pair,
+        miss_BTLD=shift_layers(torch.from_numpy(window_misses(experts_BTLK, mask_BT, miss_window)), max_lookahead, 0)
+        > 0,
     )
     return inputs, targets
+
+
+def window_misses(experts_BTLK: np.ndarray, mask_BT: np.ndarray, window: int) -> np.ndarray:
+    """[B, T, L] uint8: the would-be misses of each layer, each window one sequence (padding never counts)."""
+    batch, time, num_layers, _ = experts_BTLK.shape
+    mask_N = np.asarray(mask_BT, dtype=bool).reshape(-1)
+    experts_NLK = np.where(mask_N[:, None, None], np.asarray(experts_BTLK).reshape(batch * time, num_layers, -1), -1)
+    prev_N = np.arange(batch * time) - 1
+    prev_N[(np.arange(batch * time) % time == 0) | ~np.r_[False, mask_N[:-1]]] = -1
+    misses = [would_be_misses(experts_NLK[:, layer], prev_N, window) for layer in range(num_layers)]
+    return (np.stack(misses, 1) & mask_N[:, None]).reshape(batch, time, num_layers).astype(np.uint8)
 
 
 def top1_marginal(experts_NLK: np.ndarray, num_experts: int, max_lookahead: int) -> torch.Tensor:

@@ -62,6 +62,20 @@ def previous_rows(seq_N: np.ndarray) -> np.ndarray:
     return prev
 
 
+def would_be_misses(experts_NK: np.ndarray, prev_N: np.ndarray, window: int) -> np.ndarray:
+    """[N] bool: the router's top-1 expert (slot 0) was used by none of the previous ``window`` tokens of the same
+    sequence (``prev_N`` chains them; -1 ends a sequence) at this layer."""
+    top1_N = experts_NK[:, 0]
+    seen_N = np.zeros(len(top1_N), dtype=bool)
+    rows_N = prev_N
+    for _ in range(window):
+        has_N = rows_N >= 0
+        safe_N = np.where(has_N, rows_N, 0)
+        seen_N |= has_N & (experts_NK[safe_N] == top1_N[:, None]).any(1)
+        rows_N = np.where(has_N, prev_N[safe_N], -1)
+    return ~seen_N
+
+
 def sequence_blocks(seq_N: np.ndarray, max_rows: int) -> list[slice]:
     """Consecutive row ranges of whole sequences, each about ``max_rows`` long (a longer sequence stays whole)."""
     starts = np.flatnonzero(np.r_[True, seq_N[1:] != seq_N[:-1]])
