@@ -155,7 +155,7 @@ def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: 
     checksum; a run that fails before its first checkpoint leaves no directory behind.
     """
     check_store(store)
-    existed = out_dir.exists()
+    existed = out_dir.exists() and not cfg.train.overwrite  # overwrite: this run starts from nothing
     claim_run(cfg, store, out_dir)
     if (out_dir / PREDICTOR_FILE).exists():
         read_run(out_dir)  # a finished run with broken files is refused, never silently reused
