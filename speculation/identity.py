@@ -45,11 +45,10 @@ def claim_identity(
     The error reads ``<directory> holds <holds> (differs in: <keys>). <fix>``.
     """
     if path.exists():
-        saved = flatten(json.loads(path.read_text()))
-        defaults = flatten(defaults or {})
+        saved, wanted, defaults = flatten(json.loads(path.read_text())), flatten(identity), flatten(defaults or {})
         differing = [
-            key for key in differing_keys(saved, identity)
-            if key in saved or key not in defaults or flatten(identity).get(key) != defaults[key]
+            key for key in differing_keys(saved, wanted)
+            if key in saved or key not in defaults or wanted.get(key) != defaults[key]
         ]  # fmt: skip
         if differing:
             raise UserError(f"{path.parent} holds {holds} (differs in: {', '.join(differing)}). {fix}")

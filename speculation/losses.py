@@ -19,12 +19,17 @@ from torch import Tensor
 from speculation.config.predictor import LOSS_TERMS, ROUTING_MODES  # the names the config's weights use
 
 
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """sum(values[mask]) / max(mask.sum(), 1) in float32; ``values`` and ``mask`` have the same shape."""
+def masked_mean(values: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+    """sum(values[mask]) / max(mask.sum(), 1) in float32; ``values`` and ``mask`` have the same shape.
+
+    With ``weight`` (same shape): sum(w · values) / sum(w) over ``mask``."""
     assert mask.dtype == torch.bool, f"mask must be bool, got {mask.dtype}"
     assert values.shape == mask.shape, f"values {tuple(values.shape)} vs mask {tuple(mask.shape)}"
-    total = torch.where(mask, values.float(), 0.0).sum()
-    return total / mask.sum().clamp_min(1).float()
+    masked = torch.where(mask, values.float(), 0.0)
+    if weight is None:
+        return masked.sum() / mask.sum().clamp_min(1).float()
+    weight = torch.where(mask, weight.float(), 0.0)
+    return (masked * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def _check_prediction(logits_BTLDE: Tensor, valid_BTLD: Tensor) -> None:
@@ -63,20 +68,13 @@ def routing_loss(
     if mode == "ce":
         target_BTLD = torch.where(valid_BTLD, target_BTLD, 0)
         nll_BTLD = -log_q_BTLDE.gather(-1, target_BTLD[..., None]).squeeze(-1)
-        return _weighted_mean(nll_BTLD, valid_BTLD, weight_BTLD)
+        return masked_mean(nll_BTLD, valid_BTLD, weight_BTLD)
     assert router_probs_BTLDE.shape == logits_BTLDE.shape, (
         f"router_probs {tuple(router_probs_BTLDE.shape)} vs logits {tuple(logits_BTLDE.shape)}"
     )
     r_BTLDE = torch.where(valid_BTLD[..., None], router_probs_BTLDE.float(), 0.0)
     kl_BTLD = (torch.xlogy(r_BTLDE, r_BTLDE) - r_BTLDE * log_q_BTLDE).sum(-1)
-    return _weighted_mean(kl_BTLD, valid_BTLD, weight_BTLD)
-
-
-def _weighted_mean(values: Tensor, mask: Tensor, weight: Tensor | None) -> Tensor:
-    if weight is None:
-        return masked_mean(values, mask)
-    weight = torch.where(mask, weight.float(), 0.0)
-    return (torch.where(mask, values.float(), 0.0) * weight).sum() / weight.sum().clamp_min(1e-12)
+    return masked_mean(kl_BTLD, valid_BTLD, weight_BTLD)
 
 
 def confidence_loss(logits_BTLDE: Tensor, confidence_BTLD: Tensor, target_BTLD: Tensor, valid_BTLD: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from speculation.evaluation.metrics import (
+    PER_TOKEN,
     RANK_BINS,
     MetricAccumulator,
     binned_spearman,
@@ -59,7 +60,7 @@ def test_expected_calibration_error_by_hand():
     confidence = np.array([0.95, 0.95, 0.55, 0.55])
     correct = np.array([1.0, 0.0, 1.0, 1.0])
     nan = np.full(4, np.nan)
-    per_token = dict.fromkeys(("recall_at_budget", "exact_set", "f1", "kl", "brier", "stability"), nan)
+    per_token = dict.fromkeys([name for name in PER_TOKEN if name != "top1_acc"], nan)
     accumulator.update({"top1_acc": correct, "confidence": confidence, **per_token}, np.zeros(4, dtype=int))
     assert accumulator.summary(bootstrap=0)["ece"] == pytest.approx(0.45)
     assert math.isnan(expected_calibration_error(np.zeros((15, 3))))  # no tokens: undefined

@@ -84,6 +84,10 @@ class TrainConfig:
         return self.run_name or f"{self.predictor.kind}-seed{self.seed}"
 
 
+# TrainConfig keys that say where or how a run executes, not what it learns: left out of a run's identity.
+PLACEMENT_KEYS = ("experiment_name", "workdir", "device", "run_name", "logger", "train.overwrite")
+
+
 def seed_group(run_name: str) -> str:
     """The group of runs that differ only in their seed: ``transformer-seed2`` -> ``transformer``."""
     return re.sub(r"-seed\d+$", "", run_name)

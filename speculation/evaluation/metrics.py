@@ -18,11 +18,11 @@ its selected set S (experts >= 0; slot 0 is the router's top-1 choice) and its d
 - ``conf_corr``: Spearman correlation of confidence and top-1 correctness (confidences grouped to 1e-3).
 - ``stability``: fraction of tokens (with a predecessor in the same sequence) whose predicted top-1 differs from
   the predecessor's: lower means fewer cache changes.
-- *would-be misses* (:func:`would_be_misses`): tokens whose target top-1 expert was used, in any slot, by none of
-  the previous ``window`` tokens of the same sequence at the target layer (a sequence's first token always is
-  one): the copies a cache of recently used experts would have to make on demand, so the only tokens where a
-  prefetch can save time. ``miss_share`` is their share of the tokens with a top-1; ``miss_top1_acc`` and
-  ``miss_recall_at_budget`` are ``top1_acc`` and ``recall_at_budget`` on them alone.
+- *would-be misses* (``speculation.traces.batches.would_be_misses``): tokens whose target top-1 expert was used,
+  in any slot, by none of the previous ``window`` tokens of the same sequence at the target layer (a sequence's
+  first token always is one): the copies a cache of recently used experts would have to make on demand, so the
+  only tokens where a prefetch can save time. ``miss_share`` is their share of the tokens with a top-1;
+  ``miss_top1_acc`` and ``miss_recall_at_budget`` are ``top1_acc`` and ``recall_at_budget`` on them alone.
 Confidence intervals for top-1 accuracy come from a bootstrap over documents (percentile, 95 %).
 """
 
@@ -32,11 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from speculation.traces.batches import would_be_misses
-
 ECE_BINS = 15
 RANK_BINS = 1001  # confidence grouped to 1e-3 for the Spearman ranks
-__all__ = ["MetricAccumulator", "token_metrics", "would_be_misses"]
 PER_TOKEN = ("top1_acc", "recall_at_budget", "exact_set", "f1", "kl", "brier", "stability", "miss_share",
              "miss_top1_acc", "miss_recall_at_budget")  # fmt: skip
 
@@ -52,8 +49,8 @@ def token_metrics(
 ) -> dict[str, np.ndarray]:
     """Per-token values (float64, NaN where undefined) of every per-token metric, plus ``confidence``.
 
-    ``miss_N``: the would-be misses of the target layer (:func:`would_be_misses`); without it the miss metrics are
-    undefined (NaN)."""
+    ``miss_N``: the would-be misses of the target layer (``traces.batches.would_be_misses``); without it the miss
+    metrics are undefined (NaN)."""
     num_tokens, num_experts = probs_NE.shape
     order_NE = np.argsort(-probs_NE, axis=1, kind="stable")
     predicted_top1 = order_NE[:, 0]
@@ -113,8 +110,6 @@ class MetricAccumulator:
 
     def update(self, values: dict[str, np.ndarray], doc_N: np.ndarray) -> None:
         for name in PER_TOKEN:
-            if name not in values:
-                continue
             defined = ~np.isnan(values[name])
             if name not in self.sums:
                 self.sums[name] = np.zeros(self.num_docs)
@@ -142,7 +137,7 @@ class MetricAccumulator:
         self.tokens += other.tokens
 
     def mean(self, name: str) -> float:
-        count = self.counts[name].sum() if name in self.counts else 0
+        count = self.counts[name].sum()
         return float(self.sums[name].sum() / count) if count else float("nan")
 
     def summary(self, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:

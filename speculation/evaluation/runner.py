@@ -67,7 +67,8 @@ def evaluate_predictors(
     for batch in iter_batches(store, split, block_rows):
         if max_tokens is not None and tokens >= max_tokens:
             break
-        misses = {t: would_be_misses(batch.experts_NLK[:, t], batch.prev_N, miss_window) for t in range(num_layers)}
+        # Per target layer (l + d >= 1), shared by every method and lookahead that targets it.
+        misses = {t: would_be_misses(batch.experts_NLK[:, t], batch.prev_N, miss_window) for t in range(1, num_layers)}
         for layer in range(num_layers - 1):
             for predictor in predictors:
                 asked = predictor.lookaheads_at(layer, num_layers, max_lookahead)

@@ -18,7 +18,7 @@ from speculation.predictors.trained import TrainedPredictor, read_run
 from speculation.traces import TraceStore
 from speculation.workdir import PREDICTOR_FILE
 
-# Trained predictor types by predictor.json "type": each class provides ``from_dir(path, store)``.
+# Trained predictor types by predictor.json "type": each class provides ``from_dir(path, meta)``.
 TRAINED_PREDICTORS: dict[str, type] = {"learned": TrainedPredictor}
 
 
@@ -75,7 +75,7 @@ def load_trained_predictors(directory: Path, store: TraceStore) -> tuple[list[Pr
                     f"predictor {run_dir} has type {meta['type']!r}, which this version cannot load; known types: "
                     f"{sorted(TRAINED_PREDICTORS)}."
                 )
-            predictors.append(TRAINED_PREDICTORS[meta["type"]].from_dir(run_dir, store))
+            predictors.append(TRAINED_PREDICTORS[meta["type"]].from_dir(run_dir, meta))
         except UserError as err:
             problems.append(str(err))
     if problems:

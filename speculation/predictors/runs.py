@@ -7,6 +7,7 @@ works offline and on runs logged with ``logger=none``.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,12 +15,13 @@ from types import SimpleNamespace
 import pandas as pd
 
 from speculation.config.predictor import LOSS_TERMS
+from speculation.config.stages import PLACEMENT_KEYS
 from speculation.trainer import lr_at
 from speculation.workdir import CURVES_FILE, METRICS_FILE, PREDICTOR_FILE, STATE_FILE
 
 REFERENCE = "reference"  # the loss-changes label of runs trained with the workdir's most common loss weights
-# Config keys that name or place a run without changing what it learns.
-NAMING_KEYS = r"^(seed|run_name|workdir|device|experiment_name|logger\.)"
+# Config keys that name or place a run without changing what it learns: the seed and what a run's identity leaves out.
+NAMING_KEYS = "^(" + "|".join(re.escape(key) + r"($|\.)" for key in ("seed", *PLACEMENT_KEYS)) + ")"
 
 
 @dataclass

@@ -21,7 +21,6 @@ from speculation.errors import UserError
 from speculation.io import file_sha256
 from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.learned import PredictorInputs, build_model
-from speculation.traces import TraceStore
 from speculation.traces.batches import TraceBatch
 from speculation.workdir import PREDICTOR_FILE, WEIGHTS_FILE
 
@@ -93,9 +92,10 @@ class TrainedPredictor(Predictor):
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def from_dir(cls, run_dir: Path, store: TraceStore | None = None) -> TrainedPredictor:
-        """Load a finished run (its files checked by :func:`read_run` and :func:`load_weights`)."""
-        meta = read_run(run_dir)
+    def from_dir(cls, run_dir: Path, meta: dict | None = None) -> TrainedPredictor:
+        """Load a finished run (its files checked by :func:`read_run` and :func:`load_weights`); ``meta``: its
+        ``predictor.json`` as :func:`read_run` returned it, when the caller has read it already."""
+        meta = meta if meta is not None else read_run(run_dir)
         saved = dict(meta["config"]["predictor"])
         config = PredictorConfig(**{**saved, "kind": PredictorKind(saved["kind"])})
         geometry = meta["geometry"]

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from speculation.config.predictor import LossConfig
-from speculation.config.stages import TrainConfig
+from speculation.config.stages import PLACEMENT_KEYS, TrainConfig
 from speculation.errors import UserError
 from speculation.identity import claim_identity, flatten
 from speculation.io import atomic_path, atomic_write_json, file_sha256, remove_stale_temps
@@ -56,7 +56,7 @@ def check_store(store: TraceStore) -> None:
 class WindowSource:
     """Whole traced sequences of a split as padded windows, batched by index."""
 
-    def __init__(self, store: TraceStore, split: str, max_lookahead: int, miss_window: int = 4) -> None:
+    def __init__(self, store: TraceStore, split: str, max_lookahead: int, miss_window: int | None = None) -> None:
         self.dataset = SequenceDataset(store.split(split), fields=("experts", "logits", "hidden"))
         self.score = store.manifest.routing.score
         self.max_lookahead = max_lookahead
@@ -79,7 +79,7 @@ class WindowSource:
 def loss_terms(model, inputs: PredictorInputs, targets: Targets, marginal_LDE, loss: LossConfig) -> tuple:
     outputs = model(inputs)
     logits, top1, valid = outputs.logits_BTLDE, targets.top1_BTLD, targets.valid_BTLD
-    weight = 1.0 + loss.miss_weight * targets.miss_BTLD.float() if loss.miss_weight else None
+    weight = 1.0 + loss.miss_weight * targets.miss_BTLD.float() if targets.miss_BTLD is not None else None
     terms = {
         "routing": routing_loss(logits, top1, targets.probs_BTLDE, valid, loss.routing_mode, weight),
         "confidence": confidence_loss(logits, outputs.confidence_BTLD, top1, valid),
@@ -121,17 +121,13 @@ def _to(item, device):
     return item
 
 
-# Config keys that say where or how a run executes, not what it learns: left out of its identity.
-PLACEMENT_KEYS = ("experiment_name", "workdir", "device", "run_name", "logger", "train.overwrite")
-
-
 def _learning_config(cfg: TrainConfig) -> dict:
     config = flatten(json.loads(json.dumps(asdict(cfg), default=str)))
     return {k: v for k, v in config.items() if not any(k == p or k.startswith(p + ".") for p in PLACEMENT_KEYS)}
 
 
 def run_identity(cfg: TrainConfig, store: TraceStore) -> dict:
-    """What determines a run's weights: every config value but :data:`PLACEMENT_KEYS`, and the traces' model."""
+    """What determines a run's weights: every config value but ``PLACEMENT_KEYS``, and the traces' model."""
     return {"traces_fingerprint": store.manifest.fingerprint(), **_learning_config(cfg)}
 
 
@@ -171,7 +167,8 @@ def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: 
 
 def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
     remove_stale_temps(out_dir)
-    train, val = (WindowSource(store, s, cfg.predictor.max_lookahead, cfg.loss.miss_window) for s in ("train", "val"))
+    miss_window = cfg.loss.miss_window if cfg.loss.miss_weight else None  # misses are computed only when weighted
+    train, val = (WindowSource(store, s, cfg.predictor.max_lookahead, miss_window) for s in ("train", "val"))
     num_experts = store.num_experts
     marginal = top1_marginal(store.split("train").array("experts"), num_experts, cfg.predictor.max_lookahead).to(device)
     val_indices = np.random.default_rng([cfg.seed, 10**6]).permutation(len(val))[: cfg.train.val_windows]

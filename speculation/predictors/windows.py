@@ -23,7 +23,7 @@ class Targets:
     probs_BTLDE: torch.Tensor  # float32, the router's distribution at layer l + d
     valid_BTLD: torch.Tensor  # bool: a real token, l + d < L and a top-1 exists
     pair_BT: torch.Tensor  # bool: token t - 1 is a real token of the same window
-    miss_BTLD: torch.Tensor  # bool: a would-be miss at layer l + d (``would_be_misses`` over the window)
+    miss_BTLD: torch.Tensor | None  # bool: a would-be miss at layer l + d (None: not asked for)
 
 
 def shift_layers(values_BTL_: torch.Tensor, max_lookahead: int, fill: float) -> torch.Tensor:
@@ -44,9 +44,10 @@ def window_tensors(
     mask_BT: np.ndarray,
     score: str,
     max_lookahead: int,
-    miss_window: int = 4,
+    miss_window: int | None = None,
 ) -> tuple[PredictorInputs, Targets]:
-    """Model inputs and targets for a batch of padded windows (numpy in, float32/long torch out)."""
+    """Model inputs and targets for a batch of padded windows (numpy in, float32/long torch out); the would-be
+    misses over ``miss_window`` tokens only when it is given (the miss-weighted loss needs them)."""
     probs = torch.from_numpy(router_distribution(logits_BTLE, score))
     mask = torch.from_numpy(np.asarray(mask_BT, dtype=bool))
     top1 = torch.from_numpy(np.asarray(experts_BTLK[..., 0], dtype=np.int64))
@@ -62,9 +63,11 @@ def window_tensors(
         probs_BTLDE=shift_layers(probs, max_lookahead, fill=0.0),
         valid_BTLD=top1_BTLD >= 0,
         pair_BT=pair,
-        miss_BTLD=shift_layers(torch.from_numpy(window_misses(experts_BTLK, mask_BT, miss_window)), max_lookahead, 0)
-        > 0,
+        miss_BTLD=None,
     )
+    if miss_window is not None:
+        misses_BTL = torch.from_numpy(window_misses(experts_BTLK, mask_BT, miss_window))
+        targets.miss_BTLD = shift_layers(misses_BTL, max_lookahead, fill=0) > 0
     return inputs, targets
 
 

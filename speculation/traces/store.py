@@ -165,10 +165,11 @@ class SplitWriter:
         shard_dir = self.directory / _shard_name(index)
         try:
             meta = json.loads((shard_dir / SHARD_META_FILE).read_text())
-            return all((shard_dir / name).stat().st_size == size for name, size in meta["bytes"].items()) and set(
-                meta["bytes"]
-            ) == set(meta["sha256"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            sizes = dict(meta["bytes"])
+            if set(sizes) != set(meta["sha256"]):
+                return False
+            return all((shard_dir / name).stat().st_size == size for name, size in sizes.items())
+        except (OSError, ValueError, KeyError, TypeError):
             return False
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray]) -> ShardInfo:
