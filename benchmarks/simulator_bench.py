@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from speculation.cache import kernel
-from speculation.cache.plans import issue_layers, no_plan, oracle_plan
+from speculation.cache.plans import no_plan, oracle_plan
 from speculation.cache.timing import TimingModel
 from speculation.config.simulate import EVICTIONS, HardwareConfig, TargetConfig
 from speculation.workdir import Workdir
@@ -53,13 +53,13 @@ def main() -> None:
     timing = TimingModel.from_profiles(HardwareConfig(), TargetConfig())
     capacity = max(round(args.fraction * num_layers * num_experts), experts.shape[2])
     plans = {
-        "on_demand": (no_plan(experts), issue_layers(num_layers, num_layers)),
-        "oracle_d2": (oracle_plan(experts), issue_layers(num_layers, 2)),
+        "on_demand": no_plan(experts),
+        "oracle_d2": oracle_plan(experts, 2),
     }
     results = []
-    for policy, (plan, issue) in plans.items():
+    for policy, plan in plans.items():
         for eviction in EVICTIONS:
-            run = kernel.PolicyRun(policy, "", eviction, plan.shape[2], 2, plan, issue, 1e-5)
+            run = kernel.PolicyRun(policy, "", eviction, plan.experts_TLHR.shape[3], 2, plan, 1e-5)
 
             def replay(run=run):
                 return kernel.replay(

@@ -12,7 +12,7 @@ from speculation.cache import tables
 from speculation.cache.report import render_equal_bytes
 from speculation.workdir import REPORT_FILE, SIMULATION_CSV, Workdir
 
-REALIZABLE_EVICTIONS = ["lru", "lfu", "predicted"]
+REALIZABLE_EVICTIONS = ["lru", "lfu", "predicted", "expected"]
 
 
 def test_simulation_csv_has_every_policy_and_column(evaluated):
@@ -22,13 +22,15 @@ def test_simulation_csv_has_every_policy_and_column(evaluated):
     required = {"policy", "eviction", "hardware", "target", "cache_fraction", "lookahead", "ms_per_token", "stall_ms",
                 "hit_rate", "bytes_moved", "wasted_bytes", "speedup_vs_on_demand", "oracle_gain_fraction"}  # fmt: skip
     assert required <= set(written.columns) and len(written) == len(frame)
-    assert set(written["policy"]) == {"on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence", "oracle"}
+    assert set(written["policy"]) == {"on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence",
+                                      "cost_aware", "cost_aware_multi", "oracle"}  # fmt: skip
     assert set(written[written["policy"] == "predictor_topb"]["predictor"]) == {
         "contextual-seed0", "transformer-seed0", "hierarchical-seed0",
     }  # fmt: skip
     # the predictors reach d <= 2: no predictor rows at lookahead 3, gate-lookahead and the oracle still there
     at3 = written[written["lookahead"] == 3]
-    assert set(at3["policy"]) == {"gate_lookahead", "oracle"}
+    assert set(at3["policy"]) == {"gate_lookahead", "cost_aware", "cost_aware_multi", "oracle"}
+    assert set(at3[at3["policy"].str.startswith("cost_aware")]["predictor"]) == {"gate_lookahead"}
     assert sorted(written["cache_fraction"].unique()) == [0.25, 0.5, 0.75]
 
 

@@ -13,7 +13,7 @@ from conftest import CONF_DIR
 from speculation.cache import calibrate
 from speculation.cache.engine import PrefetchEngine, require_cuda
 from speculation.cache.kernel import PolicyRun
-from speculation.cache.plans import ReplayTrace, issue_layers, oracle_plan
+from speculation.cache.plans import ReplayTrace, oracle_plan
 from speculation.cache.timing import TimingModel
 from speculation.cache.validate import comparison_row, simulate_recorded
 from speculation.config.simulate import HardwareConfig, TargetConfig
@@ -73,7 +73,7 @@ def recorded_schedule(eviction: str = "lru") -> tuple:
     """What spec-validate-engine hands the engine: the simulator's recorded schedule of an oracle run."""
     rng = np.random.default_rng(0)
     experts = rng.integers(0, 4, size=(50, 3, 1)).astype(np.int32)
-    run = PolicyRun("oracle", "", eviction, 1, 1, oracle_plan(experts), issue_layers(3, 1), 0.0, clairvoyant=True)
+    run = PolicyRun("oracle", "", eviction, 1, 1, oracle_plan(experts, 1), 0.0, clairvoyant=True)
     timing = TimingModel(copy_s=4e-4, expert_s=2e-5, non_expert_s=1e-4, head_s=5e-5, expert_bytes=1)
     return simulate_recorded(ReplayTrace(experts, 4, {}), run, 6, timing)
 
@@ -84,7 +84,7 @@ def test_the_schedule_groups_copies_by_layer_and_the_table_compares_like_with_li
     assert sum(len(v) for v in grouped.values()) == len(schedule.copies)
     first = schedule.copies[0]
     assert grouped[int(first[0])][0] == (int(first[2]), int(first[3]))
-    run = PolicyRun("oracle", "", "lru", 1, 1, np.zeros((1, 1, 1)), issue_layers(3, 1), 0.0)
+    run = PolicyRun("oracle", "", "lru", 1, 1, oracle_plan(np.zeros((1, 3, 1), dtype=np.int32), 1), 0.0)
     engine_s = token_s[8:] * 1.1  # an engine 10 % slower on the tokens after its warm-up
     row = comparison_row(run, 0.5, token_s, engine_s, counters, schedule)
     assert row["tokens"] == 42 and row["engine_over_sim"] == pytest.approx(1.1)

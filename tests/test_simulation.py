@@ -9,7 +9,15 @@ from conftest import compose_config
 from synthetic import synthetic_manifest
 
 from speculation.cache.kernel import replay
-from speculation.cache.plans import RankedPredictions, ReplayTrace, confidence_plan, issue_layers, topb_plan
+from speculation.cache.plans import (
+    RankedPredictions,
+    ReplayTrace,
+    candidate_plan,
+    confidence_plan,
+    issue_layers,
+    source_layers,
+    topb_plan,
+)
 from speculation.cache.simulation import confidence_thresholds, policy_runs, replay_row
 from speculation.cache.timing import TimingModel, resolve_target
 from speculation.config import to_object
@@ -108,8 +116,24 @@ def test_issue_layers_and_plans_follow_the_lookahead():
     ranked[0, 1, 0], confidence[0, 1, 0] = [1, 2], 0.5  # from layer 1 for layer 2
     predictions = RankedPredictions(ranked, confidence)
     assert predictions.max_lookahead == 2
-    assert topb_plan(predictions, 1, 1)[0].tolist() == [[-1], [4], [1]]
-    assert topb_plan(predictions, 2, 2)[0].tolist() == [[-1, -1], [4, 5], [6, 7]]
+    assert topb_plan(predictions, 1, 1).experts_TLHR[0, :, 0].tolist() == [[-1], [4], [1]]
+    assert topb_plan(predictions, 2, 2).experts_TLHR[0, :, 0].tolist() == [[-1, -1], [4, 5], [6, 7]]
     # confident (0.9 >= 0.8): one expert; unsure (0.3): two; below low=0.4: none
-    assert confidence_plan(predictions, 2, 0.0, 0.8, 2)[0].tolist() == [[-1, -1], [4, -1], [6, 7]]
-    assert confidence_plan(predictions, 2, 0.4, 0.8, 2)[0].tolist() == [[-1, -1], [4, -1], [-1, -1]]
+    assert confidence_plan(predictions, 2, 0.0, 0.8, 2).experts_TLHR[0, :, 0].tolist() == [[-1, -1], [4, -1], [6, 7]]
+    assert confidence_plan(predictions, 2, 0.4, 0.8, 2).experts_TLHR[0, :, 0].tolist() == [[-1, -1], [4, -1], [-1, -1]]
+
+
+def test_a_multi_horizon_plan_predicts_each_target_from_every_layer_in_reach():
+    assert source_layers(4, 2).tolist() == [[-1], [0], [0], [1]]
+    assert source_layers(4, 2, multi_horizon=True).tolist() == [[-1, -1], [0, -1], [1, 0], [2, 1]]
+    ranked = np.full((1, 3, 2, 2), -1, dtype=np.int16)
+    probs = np.full(ranked.shape, np.nan, dtype=np.float32)
+    ranked[0, 0, 1], probs[0, 0, 1] = [6, 7], [0.6, 0.3]  # from layer 0 for layer 2 (d = 2)
+    ranked[0, 1, 0], probs[0, 1, 0] = [7, 6], [0.8, 0.1]  # from layer 1 for layer 2 (d = 1)
+    ranked[0, 0, 0], probs[0, 0, 0] = [4, 5], [0.9, 0.1]  # from layer 0 for layer 1
+    predictions = RankedPredictions(ranked, np.zeros((1, 3, 2), dtype=np.float32), probs)
+    plan = candidate_plan(predictions, 2, 2, multi_horizon=True)
+    assert plan.sources_LH.tolist() == [[-1, -1], [0, -1], [1, 0]]
+    assert plan.experts_TLHR[0, 2].tolist() == [[7, 6], [6, 7]]  # nearest source first
+    assert plan.probs_TLHR[0, 2].ravel().tolist() == pytest.approx([0.8, 0.1, 0.6, 0.3])
+    assert plan.experts_TLHR[0, 1].tolist() == [[4, 5], [-1, -1]]

@@ -6,8 +6,9 @@ Per token ``t`` and MoE layer ``l`` (clock position ``p = t·L + l``), in GPU-st
 2. the router's choice is known: a needed expert already resident and arrived is a *hit*; resident but still in
    flight is *late* (the layer waits for it); absent is a *miss*, copied on demand (the layer waits for it);
 3. if the policy prefetches, its predictor runs on a side stream (batch-1 decode leaves most SMs idle) and
-   ``predictor_s`` later copies are issued for the target layers whose prefetch is due at ``l``
-   (``issue_layer_L``), in rank order; an expert already resident is not copied again;
+   ``predictor_s`` later copies are issued for the target layers that layer ``l`` predicts (``sources_LH``), in
+   rank order; an expert already resident or in flight is not copied again. A *fixed* plan copies every candidate;
+   a *cost-aware* one decides per candidate (:func:`worth_copying`), up to ``budget`` copies per target layer;
 4. the layer's experts run once every one of them has arrived (the wait is the *stall*).
 
 Copies queue on one link in issue order (a copy starts when the link is free). Every copy takes a slot; when the
@@ -16,7 +17,10 @@ copied into may be chosen as a victim: the link is FIFO, so the new copy cannot 
 Belady evicts the expert used farthest in the future and, knowing the future, skips a prefetch that would evict an
 expert needed sooner than the prefetched one (the offline optimum's bypass).
 
-Shape legend (docs/glossary.md): T replayed tokens, L MoE layers, K expert slots, R experts per prefetch.
+Arrays of the cache's state are indexed by ``s = layer · E + expert``, one entry per (MoE layer, expert).
+
+Shape legend (docs/glossary.md): T replayed tokens, L MoE layers, K expert slots, H source layers per target
+layer, R candidate experts per (target, source).
 
 :func:`replay` is the entry point: it takes a :class:`PolicyRun` (what to prefetch and how to evict) and returns
 a :class:`Replay`; :func:`simulate` is the compiled loop behind it.
@@ -29,28 +33,138 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from speculation.cache.plans import Plan
 from speculation.cache.timing import TimingModel
 from speculation.config.simulate import EVICTIONS
 
-LRU, LFU, BELADY, PREDICTED = 0, 1, 2, 3
+__all__ = ["EVICTION_CODES", "Counters", "PolicyRun", "Replay", "replay", "simulate", "worth_copying"]
+
+# Eviction codes and the cache's bookkeeping. Every compiled function lives in this one file: numba's on-disk cache
+# is keyed on the file of the function it compiles, so a callee edited in another file would leave stale machine
+# code behind.
+LRU, LFU, BELADY, PREDICTED, EXPECTED = 0, 1, 2, 3, 4
 EVICTION_CODES = {name: code for code, name in enumerate(EVICTIONS)}  # the codes above, by sim.evictions name
-assert EVICTION_CODES == {"lru": LRU, "lfu": LFU, "belady": BELADY, "predicted": PREDICTED}
+assert EVICTION_CODES == {"lru": LRU, "lfu": LFU, "belady": BELADY, "predicted": PREDICTED, "expected": EXPECTED}
 NEVER = np.iinfo(np.int64).max  # the next use of an expert that is never used again
+REUSE_DECAY = 0.1  # weight of the latest token in an expert's usage rate (an exponential moving average)
+
+
+@njit(cache=True)
+def next_uses(experts_TLK: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every access, the clock position of the next access to the same (layer, expert); and the first ones."""
+    num_tokens, num_layers, slots = experts_TLK.shape
+    following = np.full((num_tokens, num_layers, slots), NEVER, dtype=np.int64)
+    upcoming = np.full(num_layers * num_experts, NEVER, dtype=np.int64)
+    for t in range(num_tokens - 1, -1, -1):
+        for layer in range(num_layers - 1, -1, -1):
+            for k in range(slots):
+                expert = experts_TLK[t, layer, k]
+                if expert < 0:
+                    continue
+                key = layer * num_experts + expert
+                following[t, layer, k] = upcoming[key]
+                upcoming[key] = t * num_layers + layer
+    return following, upcoming
+
+
+@njit(cache=True, inline="always")
+def expected_reuse(s, now_pos, num_experts, predicted_for, predicted_p, layer_predicted_for, layer_rest, usage):
+    """The probability that expert ``s`` is needed in one of the next two passes of its layer:
+    ``1 - (1 - p_next) · (1 - u)``, with ``u`` its recent usage rate at its layer (``usage``, an exponential moving
+    average) and ``p_next`` the chance it is needed at the next pass.
+
+    While a prediction for its layer is pending (issued for a position after ``now_pos``), ``p_next`` is the
+    predicted probability if ``s`` was among the candidates, else the mass the candidates left, shared evenly by the
+    other experts; otherwise ``p_next = u``. (One pass alone is myopic: an expert certainly not needed at the next
+    pass may be the one needed right after.)
+    """
+    layer = s // num_experts
+    u = usage[s]
+    p_next = u
+    if layer_predicted_for[layer] > now_pos:
+        p_next = predicted_p[s] if predicted_for[s] == layer_predicted_for[layer] else layer_rest[layer]
+    return 1.0 - (1.0 - p_next) * (1.0 - u)
+
+
+@njit(cache=True)
+def victim(
+    resident, pinned_at, now_pos, last_use, uses, next_access, predicted_for, unused, eviction, reuse_state
+) -> int:
+    """The slot to free under ``eviction``, or -1 when every resident expert is needed by the current layer.
+
+    Except under Belady and expected reuse, a prefetched expert is protected until the layer it was fetched for has
+    run (else LFU would evict every fresh prefetch, its use count being the lowest); ``predicted`` also protects
+    resident experts a prediction expects. Protected experts go only when nothing else can. ``expected`` evicts the
+    lowest :func:`expected_reuse` (``reuse_state``: its arguments after ``now_pos``), ties by LRU.
+    """
+    num_experts, predicted_p, layer_predicted_for, layer_rest, usage = reuse_state
+    best = -1
+    best_reuse = 0.0
+    best_protected = False
+    for s in range(resident.shape[0]):
+        if not resident[s] or pinned_at[s] == now_pos:
+            continue
+        protected = (
+            eviction != BELADY
+            and eviction != EXPECTED
+            and predicted_for[s] > now_pos
+            and (unused[s] or eviction == PREDICTED)
+        )
+        reuse = 0.0
+        if eviction == EXPECTED:
+            reuse = expected_reuse(s, now_pos, num_experts, predicted_for, predicted_p, layer_predicted_for, layer_rest,
+                                   usage)  # fmt: skip
+        if best < 0 or (best_protected and not protected):
+            best, best_reuse, best_protected = s, reuse, protected
+            continue
+        if protected and not best_protected:
+            continue
+        if eviction == LFU:
+            better = uses[s] < uses[best] or (uses[s] == uses[best] and last_use[s] < last_use[best])
+        elif eviction == BELADY:
+            better = next_access[s] > next_access[best]
+        elif eviction == EXPECTED:
+            better = reuse < best_reuse or (reuse == best_reuse and last_use[s] < last_use[best])
+        else:  # LRU, and PREDICTED among equally protected experts
+            better = last_use[s] < last_use[best]
+        if better:
+            best, best_reuse = s, reuse
+    return best
+
+
+@njit(cache=True)
+def place(s, evicted, occupied, resident, unused, slot_of) -> tuple[int, int]:
+    """Make expert ``s`` resident in ``evicted``'s slot or, with ``evicted`` -1, in a free slot.
+
+    Returns the new occupied count and 1 if the evicted expert was a prefetch never used (wasted), else 0.
+    """
+    wasted = 0
+    if evicted >= 0:
+        resident[evicted] = False
+        wasted = 1 if unused[evicted] else 0
+        slot_of[s] = slot_of[evicted]
+        slot_of[evicted] = -1
+    else:
+        slot_of[s] = occupied
+        occupied += 1
+    resident[s] = True
+    return occupied, wasted
 
 
 @dataclass
 class PolicyRun:
-    """One replay's description: a prefetch plan under one eviction rule."""
+    """One replay's description: what a policy may prefetch (its :class:`~speculation.cache.plans.Plan`), whether it
+    decides at issue time, and the eviction rule."""
 
     policy: str
     predictor: str  # the method whose predictions drive the plan ("" for on_demand and oracle)
     eviction: str
-    budget: int  # experts prefetched per target layer (0: none; the maximum for the confidence policy)
-    lookahead: int  # 0: no prefetch
-    plan_TLR: np.ndarray  # experts to prefetch for token t's layer m (-1: none)
-    issue_layer_L: np.ndarray  # the layer of the same token at which layer m's prefetch is issued (-1: never)
+    budget: int  # most experts copied per target layer (0: none; the maximum for the confidence policy)
+    lookahead: int  # the farthest source layer's distance (0: no prefetch)
+    plan: Plan
     predictor_s: float  # the predictor's latency, which delays the copies it issues
     clairvoyant: bool = False  # the oracle: knows the future, so never prefetches at the cost of a sooner use
+    cost_aware: bool = False  # decide each copy at issue time (worth_copying) instead of copying every candidate
 
 
 @dataclass
@@ -84,20 +198,10 @@ def replay(
     """Replay ``experts_TLK`` (-1 = unused slot) under ``run`` with a cache of ``capacity`` expert slots."""
     assert capacity >= experts_TLK.shape[2], "the rules (speculation.config.rules) keep a layer's experts in the cache"
     token_s, counters, copies, slot_TLK = simulate(
-        experts_TLK,
-        np.ascontiguousarray(run.plan_TLR, dtype=np.int32),
-        run.issue_layer_L,
-        num_experts,
-        capacity,
-        EVICTION_CODES[run.eviction],
-        timing.copy_s,
-        timing.non_expert_s,
-        timing.expert_s,
-        timing.head_s,
-        run.predictor_s,
-        record,
-        run.clairvoyant,
-    )
+        experts_TLK, run.plan.experts_TLHR, run.plan.sources_LH, num_experts, capacity, EVICTION_CODES[run.eviction],
+        timing.copy_s, timing.non_expert_s, timing.expert_s, timing.head_s, run.predictor_s, record,
+        run.clairvoyant, run.plan.probs_TLHR, run.cost_aware, run.budget,
+    )  # fmt: skip
     hits, late, misses, prefetches, wasted, stall_s, compute_s = counters
     return Replay(
         token_s, Counters(int(hits), int(late), int(misses), int(prefetches), int(wasted), stall_s, compute_s),
@@ -105,78 +209,10 @@ def replay(
     )  # fmt: skip
 
 
-@njit(cache=True)
-def next_uses(experts_TLK: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """For every access, the clock position of the next access to the same (layer, expert); and the first ones."""
-    num_tokens, num_layers, slots = experts_TLK.shape
-    following = np.full((num_tokens, num_layers, slots), NEVER, dtype=np.int64)
-    upcoming = np.full(num_layers * num_experts, NEVER, dtype=np.int64)
-    for t in range(num_tokens - 1, -1, -1):
-        for layer in range(num_layers - 1, -1, -1):
-            for k in range(slots):
-                expert = experts_TLK[t, layer, k]
-                if expert < 0:
-                    continue
-                key = layer * num_experts + expert
-                following[t, layer, k] = upcoming[key]
-                upcoming[key] = t * num_layers + layer
-    return following, upcoming
-
-
-@njit(cache=True)
-def _victim(resident, pinned_at, now_pos, last_use, uses, next_access, predicted_for, unused, eviction) -> int:
-    """The slot to free under ``eviction``, or -1 when every resident expert is needed by the current layer.
-
-    Except under Belady, a prefetched expert is protected until the layer it was fetched for has run (else LFU
-    would evict every fresh prefetch, its use count being the lowest); ``predicted`` also protects resident
-    experts a prediction expects. Protected experts go only when nothing else can.
-    """
-    best = -1
-    best_protected = False
-    for s in range(resident.shape[0]):
-        if not resident[s] or pinned_at[s] == now_pos:
-            continue
-        protected = eviction != BELADY and predicted_for[s] > now_pos and (unused[s] or eviction == PREDICTED)
-        if best < 0 or (best_protected and not protected):
-            best, best_protected = s, protected
-            continue
-        if protected and not best_protected:
-            continue
-        if eviction == LFU:
-            better = uses[s] < uses[best] or (uses[s] == uses[best] and last_use[s] < last_use[best])
-        elif eviction == BELADY:
-            better = next_access[s] > next_access[best]
-        else:  # LRU, and PREDICTED among equally protected experts
-            better = last_use[s] < last_use[best]
-        if better:
-            best = s
-    return best
-
-
-@njit(cache=True)
-def _place(s, victim, occupied, resident, unused, slot_of) -> tuple[int, int]:
-    """Make expert ``s`` resident in ``victim``'s slot (evicting it) or, with ``victim`` -1, in a free slot.
-
-    Returns the new occupied count and 1 if the victim was a prefetch never used (wasted), else 0.
-    """
-    wasted = 0
-    if victim >= 0:
-        resident[victim] = False
-        wasted = 1 if unused[victim] else 0
-        slot_of[s] = slot_of[victim]
-        slot_of[victim] = -1
-    else:
-        slot_of[s] = occupied
-        occupied += 1
-    resident[s] = True
-    return occupied, wasted
-
-
-@njit(cache=True)
 def simulate(
     experts_TLK: np.ndarray,
-    plan_TLR: np.ndarray,
-    issue_layer_L: np.ndarray,
+    plan: np.ndarray,
+    sources: np.ndarray,
     num_experts: int,
     capacity: int,
     eviction: int,
@@ -187,42 +223,98 @@ def simulate(
     predictor_s: float,
     record: bool = False,
     clairvoyant: bool = False,
+    probs: np.ndarray | None = None,
+    cost_aware: bool = False,
+    budget: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Replay ``experts_TLK`` (-1 = unused slot) with prefetch plan ``plan_TLR`` (experts to prefetch for token t's
-    layer m, issued at layer ``issue_layer_L[m]`` of the same token; -1 = none).
+    """Replay ``experts_TLK`` (-1 = unused slot) with candidates ``plan`` ([T, L, H, R], or [T, L, R] for one
+    source per target) predicted at ``sources`` ([L, H], or [L]; -1 = none) with probabilities ``probs`` (None:
+    unknown), as a :class:`~speculation.cache.plans.Plan` holds them. A fixed plan copies every candidate; with
+    ``cost_aware``, each copy must be :func:`worth_copying`, at most ``budget`` per target layer and token.
 
     Returns the per-token latency [T] (seconds), counters ``[hits, late, misses, prefetches, wasted, stall_s,
     compute_s]`` (wasted: prefetched experts evicted, or left at the end, without being used), and with ``record``
     the schedule the real engine replays: ``copies`` [n, 4] = (clock position, kind 0 demand / 1 prefetch,
     layer · E + expert, GPU slot) in issue order, and ``slot_TLK``, the GPU slot each access reads (-1: none).
-    The cache's decisions depend on clock positions only, never on times, so the schedule is the same on any GPU.
+    The cache's decisions depend on clock positions only, never on times, for fixed plans; a cost-aware policy
+    decides from the timing model too, and its recorded schedule is what the engine then executes.
     ``clairvoyant`` (the oracle) skips a prefetch whose victim is needed before the prefetched expert under any
     eviction rule, as Belady always does: knowing the future, it never trades a sooner use for a later one.
     """
+    plan = np.asarray(plan, dtype=np.int32)
+    plan = plan[:, :, None, :] if plan.ndim == 3 else plan
+    sources = np.asarray(sources, dtype=np.int64)
+    sources = sources[:, None] if sources.ndim == 1 else sources
+    if probs is None:
+        probs = np.full(plan.shape, np.nan, dtype=np.float32)
+    probs = np.asarray(probs, dtype=np.float32)
+    probs = probs[:, :, None, :] if probs.ndim == 3 else probs
+    return _simulate(
+        np.ascontiguousarray(experts_TLK, dtype=np.int32), np.ascontiguousarray(plan),
+        np.ascontiguousarray(probs), np.ascontiguousarray(sources), num_experts, capacity, eviction, copy_s,
+        non_expert_s, expert_s, head_s, predictor_s, record, clairvoyant, cost_aware,
+        plan.shape[3] if budget is None or not cost_aware else budget,
+    )  # fmt: skip
+
+
+@njit(cache=True)
+def worth_copying(p: float, issued: float, need: float, link_free: float, copy_s: float, busy: float,
+                  victim_reuse: float) -> bool:  # fmt: skip
+    """Whether copying a candidate expert now is expected to save more than it costs.
+
+    The copy starts at ``max(issued, link_free)`` and arrives ``copy_s`` later; its layer needs it at ``need``.
+    Right (probability ``p``), it saves the stall of the demand copy that would otherwise start at
+    ``max(need, link_free)``. Wrong, it delays that demand copy by as much as it holds the link past ``need``, and
+    at least by the link's busy share times one copy (the next copy, whoever issues it, waits behind it), and its
+    victim is lost for nothing: the victim's probability of being needed again
+    (:func:`expected_reuse`) times one copy. (Right, the demand copy would have evicted
+    a victim too.) Ties go to the copy, so a certain prediction (``p = 1``) is always copied, as the oracle is.
+    """
+    if not p > 0:  # also NaN
+        return False
+    arrival = max(issued, link_free) + copy_s
+    saved_if_right = max(need, link_free) + copy_s - max(need, arrival)
+    delay_if_wrong = max(max(need, arrival) - max(need, link_free), busy * copy_s)
+    return p * saved_if_right >= (1 - p) * (delay_if_wrong + victim_reuse * copy_s)
+
+
+@njit(cache=True)
+def _simulate(
+    experts_TLK, plan_TLHR, probs_TLHR, sources_LH, num_experts, capacity, eviction, copy_s, non_expert_s, expert_s,
+    head_s, predictor_s, record, clairvoyant, cost_aware, budget,
+):  # fmt: skip
     num_tokens, num_layers, slots = experts_TLK.shape
-    budget = plan_TLR.shape[2]
+    horizons, candidates = plan_TLHR.shape[2], plan_TLHR.shape[3]
     size = num_layers * num_experts
     resident = np.zeros(size, dtype=np.bool_)
     arrival = np.zeros(size, dtype=np.float64)
     last_use = np.full(size, -1, dtype=np.int64)
     uses = np.zeros(size, dtype=np.int64)
     pinned_at = np.full(size, -1, dtype=np.int64)
-    predicted_for = np.full(size, -1, dtype=np.int64)
+    predicted_for = np.full(size, -1, dtype=np.int64)  # the latest position a prediction expects s at
+    predicted_p = np.zeros(size, dtype=np.float64)  # that prediction's probability
+    layer_predicted_for = np.full(num_layers, -1, dtype=np.int64)
+    layer_rest = np.zeros(num_layers, dtype=np.float64)  # per expert outside that prediction's candidates
+    usage = np.zeros(size, dtype=np.float64)
     unused = np.zeros(size, dtype=np.bool_)
     slot_of = np.full(size, -1, dtype=np.int64)
-    most = num_tokens * num_layers * (slots + budget) if record else 1
+    copied_for = np.zeros(num_layers, dtype=np.int64)  # the current token's copies per target layer
+    most = num_tokens * num_layers * (slots + horizons * candidates) if record else 1
     copies = np.zeros((most, 4), dtype=np.int64)
     slot_TLK = np.full((num_tokens, num_layers, slots) if record else (1, 1, 1), -1, dtype=np.int64)
     count = 0
     following, next_access = next_uses(experts_TLK, num_experts)
     token_s = np.zeros(num_tokens, dtype=np.float64)
     hits = late = misses = prefetches = wasted = 0
-    stall = compute = 0.0
+    stall = compute = link_busy = 0.0
     occupied = 0
     gpu = link_free = 0.0
-    prefetching = np.any(issue_layer_L >= 0)
+    prefetching = np.any(sources_LH >= 0)
+    reuse_state = (num_experts, predicted_p, layer_predicted_for, layer_rest, usage)
+    layer_s = non_expert_s + slots * expert_s  # the expected time of one layer, for a cost-aware copy's deadline
     for t in range(num_tokens):
         started = gpu
+        copied_for[:] = 0
         for layer in range(num_layers):
             pos = t * num_layers + layer
             gpu += non_expert_s
@@ -233,12 +325,15 @@ def simulate(
                 expert = experts_TLK[t, layer, k]
                 if expert >= 0:
                     pinned_at[layer * num_experts + expert] = pos
+            for e in range(num_experts):  # the usage rate decays at every pass of its layer
+                usage[layer * num_experts + e] *= 1.0 - REUSE_DECAY
             for k in range(slots):
                 expert = experts_TLK[t, layer, k]
                 if expert < 0:
                     continue
                 s = layer * num_experts + expert
                 computed += 1
+                usage[s] += REUSE_DECAY
                 if resident[s]:
                     if arrival[s] <= gpu:
                         hits += 1
@@ -246,17 +341,17 @@ def simulate(
                         late += 1
                 else:
                     misses += 1
-                    victim = -1
+                    evicted = -1
                     if occupied >= capacity:
-                        victim = _victim(
-                            resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused, eviction
-                        )
-                    occupied, lost = _place(s, victim, occupied, resident, unused, slot_of)
+                        evicted = victim(resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused,
+                                         eviction, reuse_state)  # fmt: skip
+                    occupied, lost = place(s, evicted, occupied, resident, unused, slot_of)
                     wasted += lost
                     if record:
                         copies[count] = (pos, 0, s, slot_of[s])
                         count += 1
                     arrival[s] = max(gpu, link_free) + copy_s
+                    link_busy += copy_s
                     link_free = arrival[s]
                 ready = max(ready, arrival[s])
                 if record:
@@ -267,35 +362,65 @@ def simulate(
                 next_access[s] = following[t, layer, k]
             if prefetching and layer < num_layers - 1:
                 issued = gpu + predictor_s  # the predictor runs on a side stream: it delays the copies, not the layer
+                layer_done = max(ready, gpu) + computed * expert_s
                 for target in range(layer + 1, num_layers):
-                    if issue_layer_L[target] != layer:
-                        continue
-                    for b in range(budget):
-                        expert = plan_TLR[t, target, b]
-                        if expert < 0:
+                    for h in range(horizons):
+                        if sources_LH[target, h] != layer:
                             continue
-                        s = target * num_experts + expert
-                        predicted_for[s] = max(predicted_for[s], t * num_layers + target)
-                        if resident[s]:
-                            continue
-                        victim = -1
-                        if occupied >= capacity:
-                            victim = _victim(
-                                resident, pinned_at, pos, last_use, uses, next_access, predicted_for, unused, eviction
-                            )
-                            knows_future = clairvoyant or eviction == BELADY
-                            if victim < 0 or (knows_future and next_access[victim] <= next_access[s]):
-                                continue  # nothing evictable, or (knowing the future) the victim is needed sooner
-                        occupied, lost = _place(s, victim, occupied, resident, unused, slot_of)
-                        wasted += lost
-                        if record:
-                            copies[count] = (pos, 1, s, slot_of[s])
-                            count += 1
-                        arrival[s] = max(issued, link_free) + copy_s
-                        link_free = arrival[s]
-                        last_use[s] = pos  # an arrival counts as a use for LRU: a fresh prefetch is not the victim
-                        unused[s] = True
-                        prefetches += 1
+                        target_pos = t * num_layers + target
+                        need = layer_done + (target - layer - 1) * layer_s + non_expert_s
+                        mass = 0.0
+                        listed = 0
+                        for r in range(candidates):
+                            expert = plan_TLHR[t, target, h, r]
+                            if expert < 0:
+                                continue
+                            s = target * num_experts + expert
+                            p = probs_TLHR[t, target, h, r]
+                            predicted_for[s] = max(predicted_for[s], target_pos)
+                            predicted_p[s] = 1.0 if np.isnan(p) else p
+                            mass += predicted_p[s]
+                            listed += 1
+                        if listed:
+                            layer_predicted_for[target] = target_pos
+                            layer_rest[target] = max(0.0, 1.0 - mass) / max(1, num_experts - listed)
+                        for r in range(candidates):
+                            expert = plan_TLHR[t, target, h, r]
+                            if expert < 0:
+                                continue
+                            s = target * num_experts + expert
+                            if resident[s]:  # arrived or in flight: nothing to copy, and no budget spent
+                                continue
+                            if copied_for[target] >= budget:
+                                break
+                            evicted = -1
+                            if occupied >= capacity:
+                                evicted = victim(resident, pinned_at, pos, last_use, uses, next_access, predicted_for,
+                                                 unused, eviction, reuse_state)  # fmt: skip
+                                knows_future = clairvoyant or eviction == BELADY
+                                if evicted < 0 or (knows_future and next_access[evicted] <= next_access[s]):
+                                    continue  # nothing evictable, or (knowing the future) the victim is needed sooner
+                            if cost_aware:
+                                busy = min(1.0, link_busy / gpu) if gpu > 0 else 0.0
+                                lost_reuse = 0.0
+                                if evicted >= 0:
+                                    lost_reuse = expected_reuse(evicted, pos, num_experts, predicted_for, predicted_p,
+                                                                layer_predicted_for, layer_rest, usage)  # fmt: skip
+                                if not worth_copying(probs_TLHR[t, target, h, r], issued, need, link_free, copy_s,
+                                                     busy, lost_reuse):  # fmt: skip
+                                    continue
+                            occupied, lost = place(s, evicted, occupied, resident, unused, slot_of)
+                            wasted += lost
+                            if record:
+                                copies[count] = (pos, 1, s, slot_of[s])
+                                count += 1
+                            arrival[s] = max(issued, link_free) + copy_s
+                            link_busy += copy_s
+                            link_free = arrival[s]
+                            last_use[s] = pos  # an arrival counts as a use for LRU: a fresh prefetch is not the victim
+                            unused[s] = True
+                            prefetches += 1
+                            copied_for[target] += 1
             if ready > gpu:
                 stall += ready - gpu
                 gpu = ready

@@ -55,7 +55,7 @@ def simulate(
     target = resolve_target(target, store.manifest)
     timing = TimingModel.from_profiles(hardware, target)
     predictors = [m for m in methods if m.name == "gate_lookahead" or isinstance(m, TrainedPredictor)]
-    trace = rank_predictions(store, split, predictors, sim.max_tokens, max(sim.lookaheads), max(sim.budgets))
+    trace = rank_predictions(store, split, predictors, sim.max_tokens, max(sim.lookaheads), sim.ranked_experts)
     labels = {"hardware": hardware.name, "target": target.name}
     frame, stats = simulate_sweep(trace, sim, timing, hardware.launch_us * 1e-6, labels)
     stats = {**stats, "timing": asdict(timing), "target": asdict(target), "hardware": asdict(hardware)}

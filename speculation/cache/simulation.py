@@ -20,7 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from speculation.cache.kernel import PolicyRun, replay
-from speculation.cache.plans import ReplayTrace, confidence_plan, issue_layers, no_plan, oracle_plan, topb_plan
+from speculation.cache.plans import ReplayTrace, candidate_plan, confidence_plan, no_plan, oracle_plan, topb_plan
 from speculation.cache.timing import TimingModel
 from speculation.config.rules import cache_slots
 from speculation.config.simulate import SimConfig
@@ -67,25 +67,27 @@ def _prefetch_plans(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, lau
     slots = trace.experts_TLK.shape[2]
     plans = []
     if "oracle" in cfg.policies:
-        plans.append(("oracle", "", slots, oracle_plan(trace.experts_TLK), 0.0))
+        plans.append(("oracle", "", slots, oracle_plan(trace.experts_TLK, lookahead), 0.0))
+    budget = max(cfg.budgets)
     for name, predictions in trace.predictions.items():
         if predictions.max_lookahead < lookahead:
             continue
         if name == "gate_lookahead":
-            kinds = [("gate_lookahead", b) for b in cfg.budgets] if "gate_lookahead" in cfg.policies else []
+            fixed = "gate_lookahead"
             cost = launch_s  # one small matmul: the next router on this hidden state
         else:
-            kinds = [("predictor_topb", b) for b in cfg.budgets] if "predictor_topb" in cfg.policies else []
-            if "predictor_confidence" in cfg.policies:
-                kinds.append(("predictor_confidence", max(cfg.budgets)))
+            fixed = "predictor_topb"
             cost = cfg.predictor_us * 1e-6
-        for policy, budget in kinds:
-            if policy == "predictor_confidence":
-                low, high = confidence_thresholds(cfg, timing, lookahead, slots)
-                plan = confidence_plan(predictions, lookahead, low, high, budget)
-            else:
-                plan = topb_plan(predictions, lookahead, budget)
-            plans.append((policy, name, budget, plan, cost))
+        if fixed in cfg.policies:
+            plans += [(fixed, name, b, topb_plan(predictions, lookahead, b), cost) for b in cfg.budgets]
+        if "predictor_confidence" in cfg.policies and name != "gate_lookahead":
+            low, high = confidence_thresholds(cfg, timing, lookahead, slots)
+            plans.append(("predictor_confidence", name, budget, confidence_plan(predictions, lookahead, low, high,
+                                                                               budget), cost))  # fmt: skip
+        for policy, multi in (("cost_aware", False), ("cost_aware_multi", True)):
+            if policy in cfg.policies:
+                plan = candidate_plan(predictions, lookahead, cfg.candidates, multi)
+                plans.append((policy, name, budget, plan, cost))
     return plans
 
 
@@ -94,20 +96,19 @@ def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_
 
     A plan does not depend on the eviction rule, so each is built once and shared by the runs of every eviction.
     """
-    num_layers = trace.experts_TLK.shape[1]
     runs = []
     if "on_demand" in cfg.policies:
-        never = np.full(num_layers, -1, dtype=np.int64)  # no layer issues a prefetch
+        nothing = no_plan(trace.experts_TLK)
         for eviction in cfg.evictions:
             if eviction != "predicted":  # nothing is predicted
-                runs.append(PolicyRun("on_demand", "", eviction, 0, 0, no_plan(trace.experts_TLK), never, 0.0))
+                runs.append(PolicyRun("on_demand", "", eviction, 0, 0, nothing, 0.0))
     for lookahead in cfg.lookaheads:
-        issue = issue_layers(num_layers, lookahead)
         plans = _prefetch_plans(trace, cfg, timing, launch_s, lookahead)
         for eviction in cfg.evictions:
             for policy, predictor, budget, plan, cost in plans:
-                runs.append(PolicyRun(policy, predictor, eviction, budget, lookahead, plan, issue, cost,
-                                      clairvoyant=policy == "oracle"))  # fmt: skip
+                aware = policy.startswith("cost_aware")
+                runs.append(PolicyRun(policy, predictor, eviction, budget, lookahead, plan, cost,
+                                      clairvoyant=policy == "oracle", cost_aware=aware))  # fmt: skip
     return runs
 
 

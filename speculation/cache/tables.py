@@ -47,10 +47,10 @@ def predictor_label(row: pd.Series) -> str:
 
 
 def headline(table: pd.DataFrame, fraction: float, lookahead: int) -> pd.DataFrame:
-    """Every policy at one cache fraction and lookahead (prefetching ones with LRU and prediction-aware eviction;
-    the oracle and on-demand with every eviction)."""
+    """Every policy at one cache fraction and lookahead (prefetching ones with LRU and the two prediction-aware
+    evictions; the oracle and on-demand with every eviction)."""
     rows = table[(table["cache_fraction"] == fraction) & table["lookahead"].isin([0, lookahead])]
-    return rows[rows["policy"].isin(["on_demand", "oracle"]) | rows["eviction"].isin(["lru", "predicted"])]
+    return rows[rows["policy"].isin(["on_demand", "oracle"]) | rows["eviction"].isin(["lru", "predicted", "expected"])]
 
 
 def ms_of(rows: pd.DataFrame, policy: str, eviction: str, lookahead: int) -> float:

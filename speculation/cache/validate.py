@@ -72,7 +72,7 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
     gate, _ = build_heuristics(["gate_lookahead"], store, cfg.eval.seed)
     predictors = gate + load_trained_predictors(workdir.predictors, store)[0]
     sim = cfg.sim
-    trace = rank_predictions(store, cfg.eval.split, predictors, sim.max_tokens, max(sim.lookaheads), max(sim.budgets))
+    trace = rank_predictions(store, cfg.eval.split, predictors, sim.max_tokens, max(sim.lookaheads), sim.ranked_experts)
     num_layers = trace.experts_TLK.shape[1]
     capacities = {f: cache_slots(f, num_layers, trace.num_experts) for f in sim.cache_fractions}
     engine = PrefetchEngine(target, num_layers, trace.num_experts, max(capacities.values()))

@@ -44,6 +44,11 @@ def evaluation_problems(eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry
         )
     if not sim.enabled:
         return problems
+    if sim.candidates > geometry.num_experts:
+        problems.append(
+            f"sim.candidates={sim.candidates} must be in 1..{geometry.num_experts} (the expert count); "
+            f"set sim.candidates={geometry.num_experts}."
+        )
     too_far = [d for d in sim.lookaheads if d >= num_layers]
     if too_far:
         problems.append(

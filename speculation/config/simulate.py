@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from speculation.config.checks import positive, require
 
-POLICIES = ["on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence", "oracle"]
-EVICTIONS = ["lru", "lfu", "belady", "predicted"]  # in the order of the event loop's codes (cache/kernel.py)
+POLICIES = ["on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence", "cost_aware", "cost_aware_multi",
+            "oracle"]  # fmt: skip
+EVICTIONS = ["lru", "lfu", "belady", "predicted", "expected"]  # in the order of the codes of cache/kernel.py
 
 
 @dataclass
@@ -86,6 +87,9 @@ class SimConfig:
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     evictions: list[str] = field(default_factory=lambda: list(EVICTIONS))
     budgets: list[int] = field(default_factory=lambda: [1, 2])  # predictor_topb: experts prefetched per layer
+    # cost_aware(_multi): weigh each target layer's `candidates` likeliest experts at issue time, copying at most
+    # max(budgets) of them per target layer
+    candidates: int = 4
     # predictor_confidence: no prefetch below confidence_low, one expert at >= confidence_high, max(budgets) between.
     # None: low = the timing model's break-even confidence at each lookahead (TimingModel.break_even_confidence);
     # high = low (never hedge with a second expert, which on a saturated link costs more than it saves).
@@ -115,6 +119,7 @@ class SimConfig:
                 f"sim.confidence_low={self.confidence_low} and confidence_high={self.confidence_high} must satisfy "
                 "low <= high.",
             )
+        positive("sim.candidates", self.candidates)
         require(self.predictor_us >= 0, f"sim.predictor_us={self.predictor_us} must be >= 0.")
         require(
             any(math.isclose(self.headline_fraction, f) for f in self.cache_fractions),
@@ -126,6 +131,11 @@ class SimConfig:
             f"sim.headline_lookahead={self.headline_lookahead} is not one of sim.lookaheads={self.lookaheads}; "
             "add it to sim.lookaheads or pick one of those.",
         )
+
+    @property
+    def ranked_experts(self) -> int:
+        """How many of its likeliest experts every prediction keeps for the plans (budgets and candidates)."""
+        return max(*self.budgets, self.candidates)
 
     @property
     def headline_cache_fraction(self) -> float:
