@@ -1,70 +1,112 @@
-"""Benchmark: a learned predictor's cost per token per layer vs the MoE layer it serves, side by side.
+"""Benchmark: a learned predictor's batch-1 decode cost per layer, where an inference engine pays it, side by side
+with a switch-base-8-sized MoE layer (router + top-1 expert, d 768, f 3072) on the same device.
 
-    python benchmarks/predictor_cost_bench.py               # CPU, default predictor sizes (L = 6, E = 8, H = 128)
-    python benchmarks/predictor_cost_bench.py --device cuda
+    python benchmarks/predictor_cost_bench.py --workdir outputs/default     # the workdir's trained runs
+    python benchmarks/predictor_cost_bench.py                               # untrained default sizes (L 6, E 8, H 128)
+    python benchmarks/predictor_cost_bench.py --device cuda --out predictor_cost_cuda.json
 
-One predictor forward covers every source layer of a window, so its cost per (token, layer) is the forward time
-divided by B * T * L. It is compared with one MoE FFN layer's forward (router + top-1 expert) per token, for the
-embedded model's layer (d 128, f 512) and for a switch-base-8-sized layer (d 768, f 3072). Forwards of the
-predictor and the MoE layers alternate and the median of each is used. Not a test: nothing here asserts.
+Each predictor runs through :class:`speculation.predictors.inference.StreamingPredictor` (one ``step`` per token and
+layer, state carried), over ``--tokens`` decode tokens; every step is timed alone (CUDA synchronised around it), and
+the MoE layer is timed between steps, so both see the same machine state. Reported per predictor: the median and
+mean step (the transformer's layer-0 step also runs its context encoder, so its mean exceeds its median), the
+FLOPs of one step (``torch.utils.flop_counter``; matmuls only) against the MoE layer's, and the latency ratio.
+The JSON it writes is the profile ``sim.predictor_profile`` reads: the simulator then charges each predictor its
+measured mean step. Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import platform
 import statistics
+from pathlib import Path
 
 import torch
 from timing import timed  # benchmarks/timing.py: scripts run from this folder
+from torch.utils.flop_counter import FlopCounterMode
 
 from speculation.config import PredictorConfig, PredictorKind, RouterConfig
+from speculation.config.stages import seed_group
 from speculation.models.switch_lm import MoEFeedForward
-from speculation.predictors.learned import PredictorInputs, build_model
+from speculation.predictors.inference import StreamingPredictor
+from speculation.predictors.learned import build_model
+from speculation.workdir import Workdir
+
+
+def predictors(workdir: str | None) -> dict[str, StreamingPredictor]:
+    """One predictor per kind: the workdir's first finished seed of each, or untrained default-sized models."""
+    if workdir is None:
+        return {
+            str(kind): StreamingPredictor(build_model(6, 8, 128, PredictorConfig(kind=kind))) for kind in PredictorKind
+        }
+    found: dict[str, StreamingPredictor] = {}
+    for run_dir in sorted(Workdir(workdir).predictors.glob("*/")):
+        group = seed_group(run_dir.name)
+        if group not in found and (run_dir / "predictor.json").is_file():
+            found[group] = StreamingPredictor.load(run_dir)
+    return found
+
+
+def step_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch-1 work gains nothing more)")
+    parser.add_argument("--out", default="predictor_cost.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    num_layers, num_experts, hidden = 6, 8, 128
-    batch, time_steps = args.batch, args.seq_len
-    inputs = PredictorInputs(
-        probs_BTLE=torch.softmax(torch.randn(batch, time_steps, num_layers, num_experts), -1).to(device),
-        hidden_BTLH=torch.randn(batch, time_steps, num_layers, hidden).to(device),
-        mask_BT=torch.ones(batch, time_steps, dtype=torch.bool, device=device),
-    )
-    moe_layers = {
-        "embedded (d 128, f 512)": (MoEFeedForward(128, 512, 8, RouterConfig()), 128),
-        "switch-base-8 (d 768, f 3072)": (MoEFeedForward(768, 3072, 8, RouterConfig()), 768),
+    moe = MoEFeedForward(768, 3072, 8, RouterConfig()).to(device).eval()
+    x_11H = torch.randn(1, 1, 768, device=device)
+    moe_flops = step_flops(lambda: moe(x_11H))
+    results: dict = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "moe_layer": {"name": "switch-base-8 (d 768, f 3072, top-1)", "flops": moe_flops},
+        "predictors": {},
     }
-    results: dict = {"device": str(device), "tokens_per_forward": batch * time_steps, "predictors": {}}
-    layer_seconds = {name: [] for name in moe_layers}
-    for kind in PredictorKind:
-        model = build_model(num_layers, num_experts, hidden, PredictorConfig(kind=kind)).to(device).eval()
-        times = []
-        for _ in range(args.repeats + 2):
-            times.append(timed(lambda model=model: model(inputs), device))
-            for name, (layer, width) in moe_layers.items():
-                x = torch.randn(batch, time_steps, width, device=device)
-                layer.to(device).eval()
-                layer_seconds[name].append(timed(lambda layer=layer, x=x: layer(x), device))
-        per_token_layer = statistics.median(times[2:]) / (batch * time_steps * num_layers)
-        results["predictors"][str(kind)] = {
+    moe_seconds = []
+    for name, predictor in predictors(args.workdir).items():
+        model = predictor.model.to(device)
+        layers, experts, hidden = model.encoder.shape_LEH
+        probs_TLE = torch.softmax(torch.randn(args.tokens, layers, experts), -1).to(device)
+        hidden_TLH = torch.randn(args.tokens, layers, hidden).to(device)
+        seconds, flops = [], []
+        predictor.reset()
+        for t in range(args.tokens):
+            for layer in range(layers):
+                step = functools.partial(predictor.step, layer, probs_TLE[t, layer], hidden_TLH[t, layer])
+                if t == args.tokens // 2:  # count one token's steps mid-sequence, where the context is typical
+                    flops.append(step_flops(step))
+                else:
+                    seconds.append(timed(step, device))
+                moe_seconds.append(timed(lambda: moe(x_11H), device))
+        warm = seconds[layers:]  # the first token's steps warm the allocator up
+        results["predictors"][name] = {
             "parameters": sum(p.numel() for p in model.parameters()),
-            "us_per_token_per_layer": 1e6 * per_token_layer,
+            "us_per_step_median": 1e6 * statistics.median(warm),
+            "us_per_step_mean": 1e6 * statistics.fmean(warm),
+            "flops_per_step": statistics.fmean(flops),
+            "flops_pct_of_moe_layer": 100 * statistics.fmean(flops) / moe_flops,
         }
-    per_token_moe = {name: statistics.median(t[2:]) / (batch * time_steps) for name, t in layer_seconds.items()}
-    results["moe_layer_us_per_token"] = {name: 1e6 * value for name, value in per_token_moe.items()}
+    moe_us = 1e6 * statistics.median(moe_seconds[len(moe_seconds) // 10 :])
+    results["moe_layer"]["us_median"] = moe_us
     for entry in results["predictors"].values():
-        entry["ratio_to_moe_layer_pct"] = {
-            name: 100 * entry["us_per_token_per_layer"] / (1e6 * value) for name, value in per_token_moe.items()
-        }
+        entry["latency_pct_of_moe_layer"] = 100 * entry["us_per_step_mean"] / moe_us
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -3,6 +3,8 @@ values, the traced target, prefetch plans and confidence thresholds, and one cle
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import compose_config
@@ -137,3 +139,26 @@ def test_a_multi_horizon_plan_predicts_each_target_from_every_layer_in_reach():
     assert plan.experts_TLHR[0, 2].tolist() == [[7, 6], [6, 7]]  # nearest source first
     assert plan.probs_TLHR[0, 2].ravel().tolist() == pytest.approx([0.8, 0.1, 0.6, 0.3])
     assert plan.experts_TLHR[0, 1].tolist() == [[4, 5], [-1, -1]]
+
+
+def test_a_measured_profile_sets_each_learned_predictors_latency(tmp_path):
+    from speculation.cache.simulation import check_predictor_costs, method_latencies
+
+    profile = tmp_path / "cost.json"
+    profile.write_text(json.dumps({"predictors": {"contextual": {"us_per_step_mean": 250.0}}}))
+    ranked = RankedPredictions(np.zeros((1, 2, 1, 1), dtype=np.int16), np.zeros((1, 2, 1), dtype=np.float32))
+    trace = ReplayTrace(np.zeros((1, 2, 1), dtype=np.int32), 2, {"gate_lookahead": ranked, "ctx-seed0": ranked},
+                        {"gate_lookahead": "", "ctx-seed0": "contextual"})  # fmt: skip
+    assert method_latencies(trace, SimConfig(), 5e-6) == {"gate_lookahead": 5e-6, "ctx-seed0": pytest.approx(1e-5)}
+    measured = SimConfig(predictor_profile=str(profile))
+    assert method_latencies(trace, measured, 5e-6) == {"gate_lookahead": 5e-6, "ctx-seed0": pytest.approx(2.5e-4)}
+    check_predictor_costs(measured, ["contextual", ""])
+    with pytest.raises(
+        ValueError, match=r"has no cost for predictor kind\(s\) \['transformer'\] \(it has \['contextual'\]\)"
+    ):
+        check_predictor_costs(measured, ["contextual", "transformer"])
+    with pytest.raises(ValueError, match=r"sim.predictor_profile=.*nowhere.json is not a file; write it with"):
+        SimConfig(predictor_profile=str(tmp_path / "nowhere.json"))
+    profile.write_text("{}")
+    with pytest.raises(ValueError, match=r"is not a profile of benchmarks/predictor_cost_bench.py"):
+        check_predictor_costs(measured, ["contextual"])

@@ -13,7 +13,7 @@ per target, R ranked experts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -46,6 +46,7 @@ class ReplayTrace:
     experts_TLK: np.ndarray  # int32, -1 = unused or dropped slot
     num_experts: int
     predictions: dict[str, RankedPredictions]  # by method name
+    kinds: dict[str, str] = field(default_factory=dict)  # method name -> learned model kind ("" for the others)
 
 
 @dataclass
@@ -172,4 +173,5 @@ def rank_predictions(
                 probs[:, layer, d - 1] = best[:, j]
                 confidence[:, layer, d - 1] = prediction.confidence_ND[:, j]
         predictions[predictor.name] = RankedPredictions(ranked, confidence, probs)
-    return ReplayTrace(batch.experts_NLK.astype(np.int32), store.num_experts, predictions)
+    kinds = {predictor.name: getattr(predictor, "kind", "") for predictor in predictors}
+    return ReplayTrace(batch.experts_NLK.astype(np.int32), store.num_experts, predictions, kinds)

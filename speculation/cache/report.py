@@ -145,6 +145,13 @@ def render_equal_bytes(frame: pd.DataFrame) -> str:
     return to_markdown(shown, formats)
 
 
+def latency_note(stats: dict) -> str:
+    latency = stats.get("predictor_latency_us", {})
+    shown = ", ".join(f"{name} {us:.1f} µs" for name, us in latency.items()) or "none replayed"
+    source = stats.get("predictor_profile")
+    return shown + (f" (learned: measured, {source})" if source else " (learned: sim.predictor_us)")
+
+
 def markdown_sections(simulation: Simulation) -> list[str]:
     """report.md's prefetch-simulation part."""
     table, fraction, lookahead = simulation.table, simulation.fraction, simulation.lookahead
@@ -158,7 +165,8 @@ def markdown_sections(simulation: Simulation) -> list[str]:
         f"copy {timing.copy_s * 1e6:.0f} µs, expert FFN {timing.expert_s * 1e6:.1f} µs, rest of a MoE layer "
         f"{timing.non_expert_s * 1e6:.1f} µs, LM head {timing.head_s * 1e6:.1f} µs. Speedup: vs on-demand LRU at the "
         "same cache size; oracle gain: the share of the oracle's gain (same eviction, same lookahead) a policy gets. "
-        "Learned predictors' rows average their seeds.",
+        "Learned predictors' rows average their seeds. "
+        f"Predictor latency per step (side stream, delays its copies): {latency_note(stats)}.",
         "",
         "### Bounds (ms/token)",
         "",

@@ -13,7 +13,10 @@ experts that later tokens need.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +27,7 @@ from speculation.cache.plans import ReplayTrace, candidate_plan, confidence_plan
 from speculation.cache.timing import TimingModel
 from speculation.config.rules import cache_slots
 from speculation.config.simulate import SimConfig
+from speculation.errors import UserError
 
 
 def replay_row(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: TimingModel) -> dict:
@@ -62,7 +66,47 @@ def confidence_thresholds(cfg: SimConfig, timing: TimingModel, lookahead: int, s
     return low, cfg.confidence_high if cfg.confidence_high is not None else low
 
 
-def _prefetch_plans(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_s: float, lookahead: int) -> list:
+def predictor_costs(sim: SimConfig) -> dict[str, float] | None:
+    """Seconds per learned-predictor step by model kind, from ``sim.predictor_profile`` (None: not given, every
+    learned predictor costs ``sim.predictor_us``)."""
+    if sim.predictor_profile is None:
+        return None
+    path = Path(sim.predictor_profile)
+    try:
+        profile = json.loads(path.read_text())
+        return {kind: 1e-6 * float(entry["us_per_step_mean"]) for kind, entry in profile["predictors"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"sim.predictor_profile={path} is not a profile of benchmarks/predictor_cost_bench.py ({err!r}); "
+            "write it again with that script's --out."
+        ) from None
+
+
+def check_predictor_costs(sim: SimConfig, kinds: Iterable[str]) -> None:
+    """One error, before any work, if the profile lacks a kind of the learned predictors to replay."""
+    costs = predictor_costs(sim)
+    missing = sorted({kind for kind in kinds if kind} - set(costs or {})) if costs is not None else []
+    if missing:
+        raise UserError(
+            f"sim.predictor_profile={sim.predictor_profile} has no cost for predictor kind(s) {missing} (it has "
+            f"{sorted(costs)}); measure them with benchmarks/predictor_cost_bench.py --workdir WORKDIR."
+        )
+
+
+def method_latencies(trace: ReplayTrace, cfg: SimConfig, launch_s: float) -> dict[str, float]:
+    """Seconds of one step of each replayed method, charged on the side stream before the copies it issues:
+    gate-lookahead one kernel launch (the next router's small matmul on this hidden state); a learned predictor
+    its kind's measured step from ``sim.predictor_profile``, else ``sim.predictor_us``."""
+    costs = predictor_costs(cfg)
+    return {
+        name: launch_s if name == "gate_lookahead" else cfg.predictor_us * 1e-6 if costs is None else costs[kind]
+        for name, kind in ((name, trace.kinds.get(name, "")) for name in trace.predictions)
+    }
+
+
+def _prefetch_plans(
+    trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, latencies: dict[str, float], lookahead: int
+) -> list:
     """(policy, predictor, budget, plan, predictor latency) of every prefetching policy at one lookahead."""
     slots = trace.experts_TLK.shape[2]
     plans = []
@@ -72,12 +116,8 @@ def _prefetch_plans(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, lau
     for name, predictions in trace.predictions.items():
         if predictions.max_lookahead < lookahead:
             continue
-        if name == "gate_lookahead":
-            fixed = "gate_lookahead"
-            cost = launch_s  # one small matmul: the next router on this hidden state
-        else:
-            fixed = "predictor_topb"
-            cost = cfg.predictor_us * 1e-6
+        fixed = "gate_lookahead" if name == "gate_lookahead" else "predictor_topb"
+        cost = latencies[name]
         if fixed in cfg.policies:
             plans += [(fixed, name, b, topb_plan(predictions, lookahead, b), cost) for b in cfg.budgets]
         if "predictor_confidence" in cfg.policies and name != "gate_lookahead":
@@ -97,13 +137,14 @@ def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_
     A plan does not depend on the eviction rule, so each is built once and shared by the runs of every eviction.
     """
     runs = []
+    latencies = method_latencies(trace, cfg, launch_s)
     if "on_demand" in cfg.policies:
         nothing = no_plan(trace.experts_TLK)
         for eviction in cfg.evictions:
             if eviction != "predicted":  # nothing is predicted
                 runs.append(PolicyRun("on_demand", "", eviction, 0, 0, nothing, 0.0))
     for lookahead in cfg.lookaheads:
-        plans = _prefetch_plans(trace, cfg, timing, launch_s, lookahead)
+        plans = _prefetch_plans(trace, cfg, timing, latencies, lookahead)
         for eviction in cfg.evictions:
             for policy, predictor, budget, plan, cost in plans:
                 aware = policy.startswith("cost_aware")
@@ -129,7 +170,10 @@ def simulate_sweep(
             events += num_tokens * num_layers
     seconds = time.perf_counter() - started
     frame = _relative_columns(pd.DataFrame(rows), timing)
-    return frame, {"runs": len(rows), "layer_events": events, "seconds": seconds, "events_per_s": events / seconds}
+    latency_us = {name: 1e6 * s for name, s in method_latencies(trace, cfg, launch_s).items()}
+    stats = {"runs": len(rows), "layer_events": events, "seconds": seconds, "events_per_s": events / seconds,
+             "predictor_latency_us": latency_us, "predictor_profile": cfg.predictor_profile}  # fmt: skip
+    return frame, stats
 
 
 def _relative_columns(frame: pd.DataFrame, timing: TimingModel) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from speculation.cache.engine import PrefetchEngine, Schedule, require_cuda
 from speculation.cache.kernel import Counters, PolicyRun, replay
 from speculation.cache.plans import ReplayTrace, rank_predictions
-from speculation.cache.simulation import policy_runs
+from speculation.cache.simulation import check_predictor_costs, policy_runs
 from speculation.cache.timing import TimingModel, resolve_target
 from speculation.cli import one_line_errors, run_console
 from speculation.config import CONF_DIR, to_object
@@ -71,6 +71,7 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
     timing = TimingModel.from_profiles(cfg.hardware, target)
     gate, _ = build_heuristics(["gate_lookahead"], store, cfg.eval.seed)
     predictors = gate + load_trained_predictors(workdir.predictors, store)[0]
+    check_predictor_costs(cfg.sim, [getattr(p, "kind", "") for p in predictors])
     sim = cfg.sim
     trace = rank_predictions(store, cfg.eval.split, predictors, sim.max_tokens, max(sim.lookaheads), sim.ranked_experts)
     num_layers = trace.experts_TLK.shape[1]

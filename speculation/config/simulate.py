@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from speculation.config.checks import positive, require
 
@@ -96,6 +97,9 @@ class SimConfig:
     confidence_low: float | None = None
     confidence_high: float | None = None
     predictor_us: float = 10.0  # latency of one learned-predictor step (side stream): delays its prefetches
+    # the JSON benchmarks/predictor_cost_bench.py writes: each learned predictor is then charged its kind's measured
+    # mean step (us_per_step_mean) instead of predictor_us
+    predictor_profile: str | None = None
     headline_fraction: float = 0.5  # the cache fraction the report's main table shows
     headline_lookahead: int = 2
 
@@ -120,6 +124,12 @@ class SimConfig:
                 "low <= high.",
             )
         positive("sim.candidates", self.candidates)
+        if self.predictor_profile is not None:
+            require(
+                Path(self.predictor_profile).is_file(),
+                f"sim.predictor_profile={self.predictor_profile} is not a file; write it with "
+                "benchmarks/predictor_cost_bench.py --out PATH, or set sim.predictor_profile=null.",
+            )
         require(self.predictor_us >= 0, f"sim.predictor_us={self.predictor_us} must be >= 0.")
         require(
             any(math.isclose(self.headline_fraction, f) for f in self.cache_fractions),

@@ -80,12 +80,28 @@ def load_weights(model: torch.nn.Module, run_dir: Path) -> None:
         ) from None
 
 
+def load_model(run_dir: Path, meta: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """A finished run's model in eval mode and its ``predictor.json`` (files checked by :func:`read_run` and
+    :func:`load_weights`); ``meta``: that file as :func:`read_run` returned it, when the caller has read it already.
+    Needs no trace store: the geometry is in ``predictor.json``."""
+    meta = meta if meta is not None else read_run(run_dir)
+    saved = dict(meta["config"]["predictor"])
+    config = PredictorConfig(**{**saved, "kind": PredictorKind(saved["kind"])})
+    geometry = meta["geometry"]
+    model = build_model(geometry["num_layers"], geometry["num_experts"], geometry["hidden_size"], config)
+    load_weights(model, run_dir)
+    return model.eval(), meta
+
+
 class TrainedPredictor(Predictor):
     """Runs the model once per evaluation batch (all source layers at once) and serves each layer's slice."""
 
-    def __init__(self, model: torch.nn.Module, name: str, max_lookahead: int, sequences_per_forward: int = 64):
+    def __init__(
+        self, model: torch.nn.Module, name: str, max_lookahead: int, sequences_per_forward: int = 64, kind: str = ""
+    ):
         self.model = model.eval()
         self.name = name
+        self.kind = kind  # the model kind (predictor.kind): what a measured cost profile is keyed by
         self.group = seed_group(name)
         self.max_lookahead = max_lookahead
         self.sequences_per_forward = sequences_per_forward
@@ -93,15 +109,10 @@ class TrainedPredictor(Predictor):
 
     @classmethod
     def from_dir(cls, run_dir: Path, meta: dict | None = None) -> TrainedPredictor:
-        """Load a finished run (its files checked by :func:`read_run` and :func:`load_weights`); ``meta``: its
-        ``predictor.json`` as :func:`read_run` returned it, when the caller has read it already."""
-        meta = meta if meta is not None else read_run(run_dir)
-        saved = dict(meta["config"]["predictor"])
-        config = PredictorConfig(**{**saved, "kind": PredictorKind(saved["kind"])})
-        geometry = meta["geometry"]
-        model = build_model(geometry["num_layers"], geometry["num_experts"], geometry["hidden_size"], config)
-        load_weights(model, run_dir)
-        return cls(model, meta["name"], config.max_lookahead)
+        """Load a finished run (:func:`load_model`)."""
+        model, meta = load_model(run_dir, meta)
+        saved = meta["config"]["predictor"]
+        return cls(model, meta["name"], int(saved["max_lookahead"]), kind=str(saved["kind"]))
 
     @torch.no_grad()
     def _outputs(self, batch: TraceBatch) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from speculation.cache.report import Simulation, simulate, write_simulation
 from speculation.cache.report import figures as simulation_figures
 from speculation.cache.report import markdown_sections as simulation_sections
+from speculation.cache.simulation import check_predictor_costs
 from speculation.config import to_object
 from speculation.config.rules import check_evaluation
 from speculation.config.stages import EvaluateConfig
@@ -155,6 +156,8 @@ def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
 def _evaluate(cfg: EvaluateConfig) -> dict:
     store = open_traces(cfg)
     methods, skipped = methods_for(cfg, store)
+    if cfg.sim.enabled:
+        check_predictor_costs(cfg.sim, [m.kind for m in methods if isinstance(m, TrainedPredictor)])
     tracker = start_run(
         cfg,
         job_type="evaluate",
