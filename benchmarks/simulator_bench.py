@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from speculation.cache import kernel
-from speculation.cache.plans import no_plan, oracle_plan
+from speculation.cache.plans import Plan, no_plan, oracle_plan, source_layers
 from speculation.cache.timing import TimingModel
 from speculation.config.simulate import EVICTIONS, HardwareConfig, TargetConfig
 from speculation.workdir import Workdir
@@ -38,6 +38,20 @@ def load_experts(args: argparse.Namespace) -> tuple[np.ndarray, int]:
     return experts.astype(np.int32), store.num_experts
 
 
+def noisy_candidates(experts: np.ndarray, num_experts: int, lookahead: int) -> Plan:
+    """A multi-horizon candidate plan of 4 experts per (target, source): the true expert ranked first 80 % of the
+    time, probabilities from a random Dirichlet draw sorted to match (what a decent predictor hands the policy)."""
+    rng = np.random.default_rng(1)
+    num_tokens, num_layers, _ = experts.shape
+    sources = source_layers(num_layers, lookahead, multi_horizon=True)
+    shape = (num_tokens, num_layers, sources.shape[1], 4)
+    ranked = rng.integers(0, num_experts, size=shape).astype(np.int32)
+    right = rng.random(shape[:3]) < 0.8
+    ranked[..., 0] = np.where(right, experts[:, :, None, 0], ranked[..., 0])
+    probs = -np.sort(-rng.dirichlet(np.ones(num_experts), size=shape[:3])[..., :4], axis=-1)
+    return Plan(ranked, probs.astype(np.float32), sources)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None)
@@ -53,13 +67,15 @@ def main() -> None:
     timing = TimingModel.from_profiles(HardwareConfig(), TargetConfig())
     capacity = max(round(args.fraction * num_layers * num_experts), experts.shape[2])
     plans = {
-        "on_demand": no_plan(experts),
-        "oracle_d2": oracle_plan(experts, 2),
+        "on_demand": (no_plan(experts), False),
+        "oracle_d2": (oracle_plan(experts, 2), False),
+        "cost_aware_multi_d2": (noisy_candidates(experts, num_experts, 2), True),
     }
     results = []
-    for policy, plan in plans.items():
+    for policy, (plan, cost_aware) in plans.items():
         for eviction in EVICTIONS:
-            run = kernel.PolicyRun(policy, "", eviction, plan.experts_TLHR.shape[3], 2, plan, 1e-5)
+            budget = 2 if cost_aware else plan.experts_TLHR.shape[3]
+            run = kernel.PolicyRun(policy, "", eviction, budget, 2, plan, 1e-5, cost_aware=cost_aware)
 
             def replay(run=run):
                 return kernel.replay(

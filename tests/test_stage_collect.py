@@ -130,3 +130,30 @@ def test_split_too_small_for_a_split_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "docs" / "one.txt").write_text("def f():\n    return 1\n" * 50)
     with pytest.raises(ValueError, match="split 'val' is empty"):
         collect(tiny_config(tmp_path / "work", "corpus=text_files", "corpus.glob=docs/*.txt"))
+
+
+def test_a_source_model_trained_elsewhere_traces_another_corpus_where_its_predictors_score(trained, tmp_path):
+    """``model.source_workdir``: the embedded model and tokenizer of another workdir traced on this corpus. The
+    model identity (the traces' fingerprint) is the same, the corpus is not, and the other workdir's predictors
+    are evaluated on these traces as they are (out of domain)."""
+    from speculation.stages.evaluate import evaluate
+    from speculation.workdir import METRICS_CSV
+
+    other = tmp_path / "other"
+    overrides = [*TINY_COLLECT, "corpus.max_documents=30", f"model.source_workdir={trained}", f"workdir={other}"]
+    collect(compose_config("collect", overrides))
+    source, traced = TraceStore.open(Workdir(trained).traces()), TraceStore.open(Workdir(other).traces())
+    assert traced.manifest.fingerprint() == source.manifest.fingerprint()
+    assert traced.manifest.raw["corpus"]["fingerprint"] != source.manifest.raw["corpus"]["fingerprint"]
+    assert traced.manifest.raw["model"]["trained_on_corpus"] == source.manifest.raw["corpus"]["fingerprint"]
+    assert not (other / "source_model").exists()  # nothing trained here
+    shutil.copytree(trained / "predictors", other / "predictors")
+    evaluate(compose_config("evaluate", ["logger=none", "sim.enabled=false", "eval.bootstrap=20", f"workdir={other}"]))
+    scored = pd.read_csv(Workdir(other).eval() / METRICS_CSV)
+    assert {"contextual-seed0", "transformer-seed0", "hierarchical-seed0"} <= set(scored["method"])
+
+
+def test_a_source_workdir_without_a_model_is_one_clear_error(tmp_path):
+    overrides = [*TINY_COLLECT, f"model.source_workdir={tmp_path / 'nowhere'}", f"workdir={tmp_path / 'work'}"]
+    with pytest.raises(ValueError, match=r"model.source_workdir=.*nowhere holds no trained source model"):
+        collect(compose_config("collect", overrides))

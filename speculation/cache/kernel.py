@@ -87,6 +87,26 @@ def expected_reuse(s, now_pos, num_experts, predicted_for, predicted_p, layer_pr
 
 
 @njit(cache=True)
+def note_prediction(experts_R, probs_R, layer, target_pos, reuse_state, predicted_for) -> None:
+    """Remember a prediction for ``layer`` at clock position ``target_pos``: each candidate's probability (NaN,
+    unknown, counts as certain) and, for the experts it did not list, the mass left over, shared evenly."""
+    num_experts, predicted_p, layer_predicted_for, layer_rest, _ = reuse_state
+    mass = 0.0
+    listed = 0
+    for r in range(experts_R.shape[0]):
+        if experts_R[r] < 0:
+            continue
+        s = layer * num_experts + experts_R[r]
+        predicted_for[s] = max(predicted_for[s], target_pos)
+        predicted_p[s] = 1.0 if np.isnan(probs_R[r]) else probs_R[r]
+        mass += predicted_p[s]
+        listed += 1
+    if listed:
+        layer_predicted_for[layer] = target_pos
+        layer_rest[layer] = max(0.0, 1.0 - mass) / max(1, num_experts - listed)
+
+
+@njit(cache=True)
 def victim(
     resident, pinned_at, now_pos, last_use, uses, next_access, predicted_for, unused, eviction, reuse_state
 ) -> int:
@@ -369,21 +389,8 @@ def _simulate(
                             continue
                         target_pos = t * num_layers + target
                         need = layer_done + (target - layer - 1) * layer_s + non_expert_s
-                        mass = 0.0
-                        listed = 0
-                        for r in range(candidates):
-                            expert = plan_TLHR[t, target, h, r]
-                            if expert < 0:
-                                continue
-                            s = target * num_experts + expert
-                            p = probs_TLHR[t, target, h, r]
-                            predicted_for[s] = max(predicted_for[s], target_pos)
-                            predicted_p[s] = 1.0 if np.isnan(p) else p
-                            mass += predicted_p[s]
-                            listed += 1
-                        if listed:
-                            layer_predicted_for[target] = target_pos
-                            layer_rest[target] = max(0.0, 1.0 - mass) / max(1, num_experts - listed)
+                        note_prediction(plan_TLHR[t, target, h], probs_TLHR[t, target, h], target, target_pos,
+                                        reuse_state, predicted_for)  # fmt: skip
                         for r in range(candidates):
                             expert = plan_TLHR[t, target, h, r]
                             if expert < 0:
@@ -393,6 +400,10 @@ def _simulate(
                                 continue
                             if copied_for[target] >= budget:
                                 break
+                            p = probs_TLHR[t, target, h, r]
+                            busy = min(1.0, link_busy / gpu) if gpu > 0 else 0.0
+                            if cost_aware and not worth_copying(p, issued, need, link_free, copy_s, busy, 0.0):
+                                continue  # not worth it even with a free slot: spare the victim scan
                             evicted = -1
                             if occupied >= capacity:
                                 evicted = victim(resident, pinned_at, pos, last_use, uses, next_access, predicted_for,
@@ -400,15 +411,11 @@ def _simulate(
                                 knows_future = clairvoyant or eviction == BELADY
                                 if evicted < 0 or (knows_future and next_access[evicted] <= next_access[s]):
                                     continue  # nothing evictable, or (knowing the future) the victim is needed sooner
-                            if cost_aware:
-                                busy = min(1.0, link_busy / gpu) if gpu > 0 else 0.0
-                                lost_reuse = 0.0
-                                if evicted >= 0:
+                                if cost_aware:
                                     lost_reuse = expected_reuse(evicted, pos, num_experts, predicted_for, predicted_p,
                                                                 layer_predicted_for, layer_rest, usage)  # fmt: skip
-                                if not worth_copying(probs_TLHR[t, target, h, r], issued, need, link_free, copy_s,
-                                                     busy, lost_reuse):  # fmt: skip
-                                    continue
+                                    if not worth_copying(p, issued, need, link_free, copy_s, busy, lost_reuse):
+                                        continue
                             occupied, lost = place(s, evicted, occupied, resident, unused, slot_of)
                             wasted += lost
                             if record:

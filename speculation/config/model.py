@@ -82,8 +82,16 @@ class ModelConfig:
     moe_every: int = 2  # layers moe_every-1, 2*moe_every-1, ... are MoE (switch-base-8: every other layer)
     max_seq_len: int = 256
     dropout: float = 0.0
+    # kind=embedded: trace the source model trained in that workdir (its source_model/ and tokenizer) on this
+    # corpus instead of training one here; its own config then sets the architecture and the router
+    source_workdir: str | None = None
 
     def __post_init__(self) -> None:
+        require(
+            self.source_workdir is None or self.kind == ModelKind.embedded,
+            f"model.source_workdir={self.source_workdir} is for the embedded model; a model=hf checkpoint is "
+            "traced on any corpus as it is (model.path). Drop model.source_workdir.",
+        )
         if self.kind == ModelKind.hf:
             require(
                 bool(self.path),

@@ -30,7 +30,8 @@ from speculation.tracking import Tracker
 from speculation.trainer import LoopState, train_loop
 from speculation.workdir import CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE
 
-HF_ONLY_FIELDS = ("path", "dtype", "encoder_fraction")
+# Not part of an embedded model's identity: HF-only keys, and where a model trained elsewhere comes from.
+HF_ONLY_FIELDS = ("path", "dtype", "encoder_fraction", "source_workdir")
 
 
 def pack_documents(documents: Sequence[np.ndarray]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -10,23 +11,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tokenizers import Tokenizer
 
 from speculation.config import to_object
 from speculation.config.model import ModelKind
 from speculation.config.stages import CollectConfig
 from speculation.corpus import corpus_fingerprint, load_documents, split_documents
-from speculation.errors import UserError
+from speculation.errors import MissingInputError, UserError
 from speculation.identity import json_sha256
 from speculation.io import file_sha256
 from speculation.locks import locked
 from speculation.models.hf import encode_with_hf_tokenizer, hf_identity, hf_model_digests, load_hf_model, pad_token_id
-from speculation.models.source import check_beats_unigram, source_identity, train_or_load
+from speculation.models.source import check_beats_unigram, load_source_model, source_identity, train_or_load
 from speculation.stages.device import resolve_device
 from speculation.tokenizer import PAD_ID, encode_documents, load_or_train_tokenizer
 from speculation.tracing.collection import collect_traces
 from speculation.tracing.feeders import CausalFeeder, Seq2SeqFeeder
 from speculation.tracking import Tracker, start_run
-from speculation.workdir import FIGURES_DIR, WEIGHTS_FILE, Workdir
+from speculation.workdir import CONFIG_FILE, FIGURES_DIR, METRICS_FILE, WEIGHTS_FILE, Workdir
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,54 @@ def embedded_source(
     )
 
 
+def check_source_workdir(cfg: CollectConfig, workdir: Workdir) -> Workdir:
+    """``model.source_workdir``, checked before any work: it holds a trained model and is not this workdir."""
+    source = Workdir(cfg.model.source_workdir)
+    weights, tokenizer_path = source.source_model / WEIGHTS_FILE, source.tokenizer
+    if source.root.resolve() == workdir.root.resolve():
+        raise UserError(f"model.source_workdir={cfg.model.source_workdir} is this workdir; leave it unset.")
+    if not weights.is_file() or not tokenizer_path.is_file():
+        raise MissingInputError(
+            f"model.source_workdir={cfg.model.source_workdir} holds no trained source model ({weights} and "
+            f"{tokenizer_path}); run spec-collect workdir={cfg.model.source_workdir} first."
+        )
+    return source
+
+
+def source_from_workdir(cfg: CollectConfig, fingerprint: str, workdir: Workdir, splits: dict, device) -> Source:
+    """The embedded model and tokenizer trained in ``model.source_workdir``, to trace on this workdir's corpus.
+
+    Its traces carry the same model identity (weights, tokenizer and config digests), so predictors trained on the
+    source workdir's traces score on these ones: the corpus is not part of the model's identity.
+    """
+    source = check_source_workdir(cfg, workdir)
+    weights, tokenizer_path = source.source_model / WEIGHTS_FILE, source.tokenizer
+    saved = json.loads((source.source_model / CONFIG_FILE).read_text())
+    metrics = json.loads((source.source_model / METRICS_FILE).read_text())
+    log.info("tracing the source model of %s (trained on corpus %s) on this corpus", source.root, saved["data"])
+    weights_sha, tokenizer_sha = file_sha256(weights), file_sha256(tokenizer_path)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    return Source(
+        model=load_source_model(source.source_model, device),
+        split_ids={name: encode_documents(tokenizer, docs) for name, docs in splits.items()},
+        feeder=CausalFeeder(pad_id=PAD_ID, hf_style=False),
+        identity={"weights_sha256": weights_sha, "tokenizer_sha256": tokenizer_sha, "data": fingerprint},
+        manifest={
+            "model": {
+                "kind": "embedded",
+                "name": saved["model"]["name"] or cfg.model.display_name,
+                "source_dir": str(source.source_model.resolve()),
+                "weights_sha256": weights_sha,
+                "tokenizer_sha256": tokenizer_sha,
+                "config_sha256": json_sha256({"model": saved["model"], "router": saved["router"]}),
+                "trained_on_corpus": saved["data"],
+            },
+            "tokenizer": str(tokenizer_path.resolve()),
+            "source_metrics": {k: v for k, v in metrics.items() if k != "history"},
+        },
+    )
+
+
 def hf_source(cfg: CollectConfig, splits: dict, fingerprint: str, device: torch.device) -> Source:
     """Load a HuggingFace checkpoint; its own tokenizer encodes the corpus."""
     model, tokenizer = load_hf_model(cfg.model, device)
@@ -126,6 +176,8 @@ def collect(cfg: DictConfig | CollectConfig) -> Path:
 
 
 def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path:
+    if cfg.model.source_workdir is not None:
+        check_source_workdir(cfg, workdir)
     documents = load_documents(cfg.corpus)
     splits = split_documents(documents, cfg.corpus)
     for split in dict.fromkeys(["train", *cfg.trace.splits]):  # ordered, without repeats
@@ -140,7 +192,9 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path
         cfg, job_type="collect", name=f"collect-{cfg.model.display_name}", tags=[cfg.model.display_name, router_tag]
     )
     try:
-        if cfg.model.kind == ModelKind.embedded:
+        if cfg.model.source_workdir is not None:
+            source = source_from_workdir(cfg, fingerprint, workdir, splits, device)
+        elif cfg.model.kind == ModelKind.embedded:
             source = embedded_source(cfg, splits, fingerprint, workdir, device, tracker)
         else:
             source = hf_source(cfg, splits, fingerprint, device)

@@ -9,7 +9,8 @@
       "other_stacks": {"encoder": "encoder"},       # relative paths of the same run's other stores
       "adapter": "embedded_switch",                 # the model family (speculation/tracing/registry.py)
       "model": {"kind": "embedded" | "hf", "name", "weights_sha256", "tokenizer_sha256", "config_sha256",
-                "source_dir": "../source_model" (embedded) | "path" (hf)},
+                "source_dir": "../source_model" (embedded) | "path" (hf),
+                "trained_on_corpus": the corpus fingerprint of a model traced elsewhere (model.source_workdir)},
       "geometry": {"d_model", "d_ff", "num_experts", "top_k", "num_layers", "moe_layers", "dtype",
                    "bytes_per_expert", "vocab_size", ...family-specific keys},
       "routing": {"num_experts", "max_experts_per_token", "layers": [router labels], "score": "softmax"|"sigmoid",
