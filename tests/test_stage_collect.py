@@ -137,7 +137,7 @@ def test_a_source_model_trained_elsewhere_traces_another_corpus_where_its_predic
     model identity (the traces' fingerprint) is the same, the corpus is not, and the other workdir's predictors
     are evaluated on these traces as they are (out of domain)."""
     from speculation.stages.evaluate import evaluate
-    from speculation.workdir import METRICS_CSV
+    from speculation.workdir import METRICS_CSV, REPORT_FILE
 
     other = tmp_path / "other"
     overrides = [*TINY_COLLECT, "corpus.max_documents=30", f"model.source_workdir={trained}", f"workdir={other}"]
@@ -151,6 +151,9 @@ def test_a_source_model_trained_elsewhere_traces_another_corpus_where_its_predic
     evaluate(compose_config("evaluate", ["logger=none", "sim.enabled=false", "eval.bootstrap=20", f"workdir={other}"]))
     scored = pd.read_csv(Workdir(other).eval() / METRICS_CSV)
     assert {"contextual-seed0", "transformer-seed0", "hierarchical-seed0"} <= set(scored["method"])
+    report = (Workdir(other).eval() / REPORT_FILE).read_text()
+    section = report.split("## In domain vs out of domain")[1].split("##")[0]
+    assert section.count("| out of domain |") == 3 and "| in domain |" not in section
 
 
 def test_a_source_workdir_without_a_model_is_one_clear_error(tmp_path):

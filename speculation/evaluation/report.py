@@ -94,6 +94,25 @@ def figures(frame: pd.DataFrame, result: EvaluationResult, budget: int) -> dict[
     }
 
 
+def domain_section(frame: pd.DataFrame, domains: dict[str, str]) -> list[str]:
+    """In-domain vs out-of-domain top-1 of the trained predictors, when any was trained on another corpus."""
+    if "out" not in domains.values():
+        return []
+    pooled = aggregate(frame)
+    shown = pooled[pooled["method"].isin(list(domains))].pivot_table(
+        index="method", columns="lookahead", values="top1_acc", sort=False
+    )
+    label = {"in": "in domain", "out": "out of domain", "unknown": "unknown"}
+    table = pd.DataFrame({"predictor": shown.index, "trained on": [label[domains[m]] for m in shown.index]})
+    for d in shown.columns:
+        table[f"top-1, d = {d}"] = list(shown[d])
+    table = table.sort_values("trained on", kind="stable")
+    formats = {c: "{:.3f}" for c in table.columns if c.startswith("top-1")}
+    return ["## In domain vs out of domain", "",
+            "Predictors trained on traces of this corpus (in) and of another corpus traced from the same model "
+            "(out; `model.source_workdir`).", "", to_markdown(table, formats), ""]  # fmt: skip
+
+
 def markdown_sections(frame: pd.DataFrame, result: EvaluationResult, context: dict[str, Any], budget: int) -> list[str]:
     """report.md's prediction-quality part: the setting, one table per lookahead, what was not evaluated."""
     lines = [
@@ -114,6 +133,7 @@ def markdown_sections(frame: pd.DataFrame, result: EvaluationResult, context: di
         share = table["miss_share"].iloc[0]  # the same tokens for every method at this lookahead
         lines += [f"## Lookahead d = {d}", "", f"Would-be misses: {share:.1%} of the scored tokens.", "",
                   render_lookahead_table(table, budget), ""]  # fmt: skip
+    lines += domain_section(frame, context.get("domains", {}))
     if result.skipped:
         lines += ["## Not evaluated", ""] + [f"- **{m}**: {why}" for m, why in result.skipped.items()] + [""]
     return lines

@@ -102,6 +102,7 @@ class TrainedPredictor(Predictor):
         self.model = model.eval()
         self.name = name
         self.kind = kind  # the model kind (predictor.kind): what a measured cost profile is keyed by
+        self.trained_on_corpus: str | None = None  # the corpus fingerprint of its training traces
         self.group = seed_group(name)
         self.max_lookahead = max_lookahead
         self.sequences_per_forward = sequences_per_forward
@@ -112,7 +113,9 @@ class TrainedPredictor(Predictor):
         """Load a finished run (:func:`load_model`)."""
         model, meta = load_model(run_dir, meta)
         saved = meta["config"]["predictor"]
-        return cls(model, meta["name"], int(saved["max_lookahead"]), kind=str(saved["kind"]))
+        predictor = cls(model, meta["name"], int(saved["max_lookahead"]), kind=str(saved["kind"]))
+        predictor.trained_on_corpus = meta.get("trained_on_corpus")  # None: a run from before it was recorded
+        return predictor
 
     @torch.no_grad()
     def _outputs(self, batch: TraceBatch) -> tuple[np.ndarray, np.ndarray]:

@@ -227,6 +227,7 @@ def _finish(
         "seed": cfg.seed,
         "model": store.manifest.model_name,
         "traces_fingerprint": store.manifest.fingerprint(),
+        "trained_on_corpus": (store.manifest.raw.get("corpus") or {}).get("fingerprint"),  # in or out of domain
         "geometry": geometry,
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "weights_sha256": weights_sha256,

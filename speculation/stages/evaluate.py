@@ -84,6 +84,19 @@ def short_reach(cfg: EvaluateConfig, methods: list[Predictor]) -> dict[str, str]
     return notes
 
 
+def domains(store: TraceStore, methods: list[Predictor]) -> dict[str, str]:
+    """Each trained predictor's domain: ``in`` if it was trained on traces of this corpus, ``out`` if of another
+    (the same model traced on another corpus: ``model.source_workdir``), ``unknown`` for runs that predate the
+    record."""
+    corpus = (store.manifest.raw.get("corpus") or {}).get("fingerprint")
+    out = {}
+    for method in methods:
+        if isinstance(method, TrainedPredictor):
+            trained_on = method.trained_on_corpus
+            out[method.name] = "unknown" if trained_on is None else "in" if trained_on == corpus else "out"
+    return out
+
+
 def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skipped: dict[str, str]) -> Scores:
     """Every method on ``eval.split``: metrics.csv's frame, with the mean of each seed group appended."""
     result = evaluate_predictors(
@@ -110,6 +123,7 @@ def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skip
         "prefetch_budget": cfg.eval.prefetch_budget,
         "miss_window": cfg.eval.miss_window,
         "traces": str(store.root),
+        "domains": domains(store, methods),
     }
     return Scores(result, frame, context)
 
