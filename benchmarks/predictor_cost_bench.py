@@ -28,24 +28,25 @@ from timing import timed  # benchmarks/timing.py: scripts run from this folder
 from torch.utils.flop_counter import FlopCounterMode
 
 from speculation.config import PredictorConfig, PredictorKind, RouterConfig
-from speculation.config.stages import seed_group
 from speculation.models.switch_lm import MoEFeedForward
 from speculation.predictors.inference import StreamingPredictor
 from speculation.predictors.learned import build_model
-from speculation.workdir import Workdir
+from speculation.workdir import PREDICTOR_FILE, Workdir
 
 
 def predictors(workdir: str | None) -> dict[str, StreamingPredictor]:
-    """One predictor per kind: the workdir's first finished seed of each, or untrained default-sized models."""
+    """One predictor per kind: the workdir's first finished run of each, or untrained default-sized models."""
     if workdir is None:
         return {
             str(kind): StreamingPredictor(build_model(6, 8, 128, PredictorConfig(kind=kind))) for kind in PredictorKind
         }
-    found: dict[str, StreamingPredictor] = {}
+    found: dict[str, StreamingPredictor] = {}  # by kind: what sim.predictor_profile looks a predictor up by
     for run_dir in sorted(Workdir(workdir).predictors.glob("*/")):
-        group = seed_group(run_dir.name)
-        if group not in found and (run_dir / "predictor.json").is_file():
-            found[group] = StreamingPredictor.load(run_dir)
+        if not (run_dir / PREDICTOR_FILE).is_file():
+            continue  # unfinished
+        kind = json.loads((run_dir / PREDICTOR_FILE).read_text())["kind"]
+        if kind not in found:
+            found[kind] = StreamingPredictor.load(run_dir)
     return found
 
 
