@@ -68,7 +68,7 @@ def next_uses(experts_TLK: np.ndarray, num_experts: int) -> tuple[np.ndarray, np
 
 
 @njit(cache=True, inline="always")
-def expected_reuse(s, now_pos, num_experts, predicted_for, predicted_p, layer_predicted_for, layer_rest, usage):
+def expected_reuse(s, now_pos, predicted_for, reuse_state):
     """The probability that expert ``s`` is needed in one of the next two passes of its layer:
     ``1 - (1 - p_next) · (1 - u)``, with ``u`` its recent usage rate at its layer (``usage``, an exponential moving
     average) and ``p_next`` the chance it is needed at the next pass.
@@ -76,8 +76,10 @@ def expected_reuse(s, now_pos, num_experts, predicted_for, predicted_p, layer_pr
     While a prediction for its layer is pending (issued for a position after ``now_pos``), ``p_next`` is the
     predicted probability if ``s`` was among the candidates, else the mass the candidates left, shared evenly by the
     other experts; otherwise ``p_next = u``. (One pass alone is myopic: an expert certainly not needed at the next
-    pass may be the one needed right after.)
+    pass may be the one needed right after.) ``reuse_state``: (E, ``predicted_p``, ``layer_predicted_for``,
+    ``layer_rest``, ``usage``), the arrays :func:`note_prediction` and the event loop keep.
     """
+    num_experts, predicted_p, layer_predicted_for, layer_rest, usage = reuse_state
     layer = s // num_experts
     u = usage[s]
     p_next = u
@@ -115,9 +117,8 @@ def victim(
     Except under Belady and expected reuse, a prefetched expert is protected until the layer it was fetched for has
     run (else LFU would evict every fresh prefetch, its use count being the lowest); ``predicted`` also protects
     resident experts a prediction expects. Protected experts go only when nothing else can. ``expected`` evicts the
-    lowest :func:`expected_reuse` (``reuse_state``: its arguments after ``now_pos``), ties by LRU.
+    lowest :func:`expected_reuse`, ties by LRU.
     """
-    num_experts, predicted_p, layer_predicted_for, layer_rest, usage = reuse_state
     best = -1
     best_reuse = 0.0
     best_protected = False
@@ -132,8 +133,7 @@ def victim(
         )
         reuse = 0.0
         if eviction == EXPECTED:
-            reuse = expected_reuse(s, now_pos, num_experts, predicted_for, predicted_p, layer_predicted_for, layer_rest,
-                                   usage)  # fmt: skip
+            reuse = expected_reuse(s, now_pos, predicted_for, reuse_state)
         if best < 0 or (best_protected and not protected):
             best, best_reuse, best_protected = s, reuse, protected
             continue
@@ -401,9 +401,11 @@ def _simulate(
                             if copied_for[target] >= budget:
                                 break
                             p = probs_TLHR[t, target, h, r]
-                            busy = min(1.0, link_busy / gpu) if gpu > 0 else 0.0
-                            if cost_aware and not worth_copying(p, issued, need, link_free, copy_s, busy, 0.0):
-                                continue  # not worth it even with a free slot: spare the victim scan
+                            busy = 0.0
+                            if cost_aware:
+                                busy = min(1.0, link_busy / gpu) if gpu > 0 else 0.0
+                                if not worth_copying(p, issued, need, link_free, copy_s, busy, 0.0):
+                                    continue  # not worth it even with a free slot: spare the victim scan
                             evicted = -1
                             if occupied >= capacity:
                                 evicted = victim(resident, pinned_at, pos, last_use, uses, next_access, predicted_for,
@@ -412,8 +414,7 @@ def _simulate(
                                 if evicted < 0 or (knows_future and next_access[evicted] <= next_access[s]):
                                     continue  # nothing evictable, or (knowing the future) the victim is needed sooner
                                 if cost_aware:
-                                    lost_reuse = expected_reuse(evicted, pos, num_experts, predicted_for, predicted_p,
-                                                                layer_predicted_for, layer_rest, usage)  # fmt: skip
+                                    lost_reuse = expected_reuse(evicted, pos, predicted_for, reuse_state)
                                     if not worth_copying(p, issued, need, link_free, copy_s, busy, lost_reuse):
                                         continue
                             occupied, lost = place(s, evicted, occupied, resident, unused, slot_of)

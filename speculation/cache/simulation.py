@@ -131,13 +131,20 @@ def _prefetch_plans(
     return plans
 
 
-def policy_runs(trace: ReplayTrace, cfg: SimConfig, timing: TimingModel, launch_s: float) -> list[PolicyRun]:
+def policy_runs(
+    trace: ReplayTrace,
+    cfg: SimConfig,
+    timing: TimingModel,
+    launch_s: float,
+    latencies: dict[str, float] | None = None,
+) -> list[PolicyRun]:
     """Every (policy, predictor, eviction, budget, lookahead) the config asks for and the predictions allow.
 
     A plan does not depend on the eviction rule, so each is built once and shared by the runs of every eviction.
+    ``latencies``: :func:`method_latencies`, when the caller has them already.
     """
     runs = []
-    latencies = method_latencies(trace, cfg, launch_s)
+    latencies = method_latencies(trace, cfg, launch_s) if latencies is None else latencies
     if "on_demand" in cfg.policies:
         nothing = no_plan(trace.experts_TLK)
         for eviction in cfg.evictions:
@@ -161,7 +168,8 @@ def simulate_sweep(
     ``cfg`` fits the traces: ``speculation.config.rules`` checked it when the stage started.
     """
     num_tokens, num_layers, _ = trace.experts_TLK.shape
-    runs = policy_runs(trace, cfg, timing, launch_s)
+    latencies = method_latencies(trace, cfg, launch_s)
+    runs = policy_runs(trace, cfg, timing, launch_s, latencies)
     rows, events, started = [], 0, time.perf_counter()
     for fraction in tqdm(cfg.cache_fractions, desc="simulate", unit="cache size"):
         capacity = cache_slots(fraction, num_layers, trace.num_experts)
@@ -170,7 +178,7 @@ def simulate_sweep(
             events += num_tokens * num_layers
     seconds = time.perf_counter() - started
     frame = _relative_columns(pd.DataFrame(rows), timing)
-    latency_us = {name: 1e6 * s for name, s in method_latencies(trace, cfg, launch_s).items()}
+    latency_us = {name: 1e6 * s for name, s in latencies.items()}
     stats = {"runs": len(rows), "layer_events": events, "seconds": seconds, "events_per_s": events / seconds,
              "predictor_latency_us": latency_us, "predictor_profile": cfg.predictor_profile}  # fmt: skip
     return frame, stats

@@ -53,7 +53,6 @@ class StreamingPredictor:
         self.position = 0  # the current token's index in its sequence
         self.next_layer = 0
         self._routing_LM: list[torch.Tensor] = []  # the current token's routing embeddings, layers so far
-        self._hidden_last_M: torch.Tensor | None = None
         self._lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._context_M: torch.Tensor | None = None  # transformer: this token's context vector
         self._slots_TM: list[torch.Tensor] = []  # transformer: previous tokens' slot embeddings (no position)

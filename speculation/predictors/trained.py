@@ -97,12 +97,18 @@ class TrainedPredictor(Predictor):
     """Runs the model once per evaluation batch (all source layers at once) and serves each layer's slice."""
 
     def __init__(
-        self, model: torch.nn.Module, name: str, max_lookahead: int, sequences_per_forward: int = 64, kind: str = ""
+        self,
+        model: torch.nn.Module,
+        name: str,
+        max_lookahead: int,
+        sequences_per_forward: int = 64,
+        kind: str = "",
+        trained_on_corpus: str | None = None,
     ):
         self.model = model.eval()
         self.name = name
         self.kind = kind  # the model kind (predictor.kind): what a measured cost profile is keyed by
-        self.trained_on_corpus: str | None = None  # the corpus fingerprint of its training traces
+        self.trained_on_corpus = trained_on_corpus  # the corpus fingerprint of its training traces (None: unknown)
         self.group = seed_group(name)
         self.max_lookahead = max_lookahead
         self.sequences_per_forward = sequences_per_forward
@@ -113,9 +119,9 @@ class TrainedPredictor(Predictor):
         """Load a finished run (:func:`load_model`)."""
         model, meta = load_model(run_dir, meta)
         saved = meta["config"]["predictor"]
-        predictor = cls(model, meta["name"], int(saved["max_lookahead"]), kind=str(saved["kind"]))
-        predictor.trained_on_corpus = meta.get("trained_on_corpus")  # None: a run from before it was recorded
-        return predictor
+        # trained_on_corpus is absent from runs made before it was recorded
+        return cls(model, meta["name"], int(saved["max_lookahead"]), kind=str(saved["kind"]),
+                   trained_on_corpus=meta.get("trained_on_corpus"))  # fmt: skip
 
     @torch.no_grad()
     def _outputs(self, batch: TraceBatch) -> tuple[np.ndarray, np.ndarray]:

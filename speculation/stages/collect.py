@@ -103,13 +103,13 @@ def check_source_workdir(cfg: CollectConfig, workdir: Workdir) -> Workdir:
     return source
 
 
-def source_from_workdir(cfg: CollectConfig, fingerprint: str, workdir: Workdir, splits: dict, device) -> Source:
-    """The embedded model and tokenizer trained in ``model.source_workdir``, to trace on this workdir's corpus.
+def source_from_workdir(cfg: CollectConfig, source: Workdir, fingerprint: str, splits: dict, device) -> Source:
+    """The embedded model and tokenizer trained in ``source`` (``model.source_workdir``, as
+    :func:`check_source_workdir` returned it), to trace on this workdir's corpus.
 
     Its traces carry the same model identity (weights, tokenizer and config digests), so predictors trained on the
     source workdir's traces score on these ones: the corpus is not part of the model's identity.
     """
-    source = check_source_workdir(cfg, workdir)
     weights, tokenizer_path = source.source_model / WEIGHTS_FILE, source.tokenizer
     saved = json.loads((source.source_model / CONFIG_FILE).read_text())
     metrics = json.loads((source.source_model / METRICS_FILE).read_text())
@@ -176,8 +176,7 @@ def collect(cfg: DictConfig | CollectConfig) -> Path:
 
 
 def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path:
-    if cfg.model.source_workdir is not None:
-        check_source_workdir(cfg, workdir)
+    trained_elsewhere = check_source_workdir(cfg, workdir) if cfg.model.source_workdir is not None else None
     documents = load_documents(cfg.corpus)
     splits = split_documents(documents, cfg.corpus)
     for split in dict.fromkeys(["train", *cfg.trace.splits]):  # ordered, without repeats
@@ -192,8 +191,8 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path
         cfg, job_type="collect", name=f"collect-{cfg.model.display_name}", tags=[cfg.model.display_name, router_tag]
     )
     try:
-        if cfg.model.source_workdir is not None:
-            source = source_from_workdir(cfg, fingerprint, workdir, splits, device)
+        if trained_elsewhere is not None:
+            source = source_from_workdir(cfg, trained_elsewhere, fingerprint, splits, device)
         elif cfg.model.kind == ModelKind.embedded:
             source = embedded_source(cfg, splits, fingerprint, workdir, device, tracker)
         else:
