@@ -3,6 +3,7 @@ with a switch-base-8-sized MoE layer (router + top-1 expert, d 768, f 3072) on t
 
     python benchmarks/predictor_cost_bench.py --workdir outputs/default     # the workdir's trained runs
     python benchmarks/predictor_cost_bench.py                               # untrained default sizes (L 6, E 8, H 128)
+    python benchmarks/predictor_cost_bench.py --gate-lookahead both         # ... with gate lookahead (random routers)
     python benchmarks/predictor_cost_bench.py --device cuda --out predictor_cost_cuda.json
 
 Each predictor runs through :class:`speculation.predictors.inference.StreamingPredictor` (one ``step`` per token and
@@ -31,15 +32,20 @@ from speculation.config import PredictorConfig, PredictorKind, RouterConfig
 from speculation.models.switch_lm import MoEFeedForward
 from speculation.predictors.inference import StreamingPredictor
 from speculation.predictors.learned import build_model
+from speculation.predictors.routers import random_bank
 from speculation.workdir import PREDICTOR_FILE, Workdir
 
 
-def predictors(workdir: str | None) -> dict[str, StreamingPredictor]:
-    """One predictor per kind: the workdir's first finished run of each, or untrained default-sized models."""
+def predictors(workdir: str | None, gate_lookahead: str) -> dict[str, StreamingPredictor]:
+    """One predictor per kind: the workdir's first finished run of each, or untrained default-sized models (with
+    random routers when ``gate_lookahead`` uses them)."""
     if workdir is None:
-        return {
-            str(kind): StreamingPredictor(build_model(6, 8, 128, PredictorConfig(kind=kind))) for kind in PredictorKind
-        }
+        found = {}
+        for kind in PredictorKind:
+            cfg = PredictorConfig(kind=kind, gate_lookahead=gate_lookahead)
+            routers = random_bank(6, 8, 128) if cfg.uses_routers else None
+            found[str(kind)] = StreamingPredictor(build_model(6, 8, 128, cfg, routers))
+        return found
     found: dict[str, StreamingPredictor] = {}  # by kind: what sim.predictor_profile looks a predictor up by
     for run_dir in sorted(Workdir(workdir).predictors.glob("*/")):
         if not (run_dir / PREDICTOR_FILE).is_file():
@@ -64,6 +70,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch-1 work gains nothing more)")
     parser.add_argument("--out", default="predictor_cost.json")
+    parser.add_argument("--gate-lookahead", default="none", help="untrained models: predictor.gate_lookahead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -80,7 +87,7 @@ def main() -> None:
         "predictors": {},
     }
     moe_seconds = []
-    for name, predictor in predictors(args.workdir).items():
+    for name, predictor in predictors(args.workdir, args.gate_lookahead).items():
         model = predictor.model.to(device)
         layers, experts, hidden = model.encoder.shape_LEH
         probs_TLE = torch.softmax(torch.randn(args.tokens, layers, experts), -1).to(device)
@@ -97,7 +104,7 @@ def main() -> None:
                 moe_seconds.append(timed(lambda: moe(x_11H), device))
         warm = seconds[layers:]  # the first token's steps warm the allocator up
         results["predictors"][name] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum(p.numel() for n, p in model.named_parameters() if ".routers." not in n),  # trained
             "us_per_step_median": 1e6 * statistics.median(warm),
             "us_per_step_mean": 1e6 * statistics.fmean(warm),
             "flops_per_step": statistics.fmean(flops),

@@ -25,7 +25,7 @@ def test_simulation_csv_has_every_policy_and_column(evaluated):
     assert set(written["policy"]) == {"on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence",
                                       "cost_aware", "cost_aware_multi", "oracle"}  # fmt: skip
     assert set(written[written["policy"] == "predictor_topb"]["predictor"]) == {
-        "contextual-seed0", "transformer-seed0", "hierarchical-seed0",
+        "contextual-seed0", "transformer-seed0", "hierarchical-seed0", "probe-seed0",
     }  # fmt: skip
     # the predictors reach d <= 2: no predictor rows at lookahead 3, gate-lookahead and the oracle still there
     at3 = written[written["lookahead"] == 3]
@@ -74,7 +74,7 @@ def test_equal_bytes_comparison_interpolates_the_fixed_budgets():
 def test_the_reports_tables_come_from_the_seed_averaged_frame(evaluated):
     workdir, out = evaluated
     table = tables.seed_groups(out["simulation"])
-    assert set(table["predictor"]) == {"", "gate_lookahead", "contextual", "hierarchical", "transformer"}
+    assert set(table["predictor"]) == {"", "gate_lookahead", "contextual", "hierarchical", "probe", "transformer"}
     bounds = tables.bounds(table, 2).set_index("cache_fraction")
     assert list(bounds.index) == [0.25, 0.5, 0.75]
     assert (bounds["bound_overlap"] <= bounds["oracle_belady"] + 1e-12).all()

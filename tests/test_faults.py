@@ -343,6 +343,6 @@ def test_a_predictor_of_shorter_reach_is_named_in_the_report(evaluated):
     workdir, _ = evaluated  # predictors reach d <= 2; eval.max_lookahead is 3
     report = (Workdir(workdir).eval() / REPORT_FILE).read_text()
     section = report.split("## Not evaluated")[1].split("\n## ")[0]
-    for name in ("contextual-seed0", "hierarchical-seed0", "transformer-seed0"):
+    for name in ("contextual-seed0", "hierarchical-seed0", "probe-seed0", "transformer-seed0"):
         assert f"**{name} at d > 2**: it predicts lookaheads 1..2 only, so it has no metrics rows at d = [3]" in section
     assert "predictor.max_lookahead=3" in section

@@ -29,6 +29,7 @@ from speculation.predictors import (
     RandomPredictor,
     TraceBatch,
 )
+from speculation.predictors.routers import RouterBank
 from speculation.traces import Manifest, TraceStore
 from speculation.tracing.collection import save_router_weights
 from speculation.tracing.recorder import RoutingRecorder
@@ -212,7 +213,7 @@ def linear_gate_lookahead(family: str, score: str) -> GateLookaheadPredictor:
     labels = [f"decoder.{i}" for i in range(NUM_LAYERS)]
     tensors = {f"{label}.weight": torch.randn(NUM_EXPERTS, HIDDEN, generator=generator) for label in labels}
     tensors |= {f"{label}.e_score_correction_bias": torch.ones(NUM_EXPERTS) for label in labels}
-    return GateLookaheadPredictor.from_parts(family, labels, tensors, NUM_EXPERTS, score)
+    return GateLookaheadPredictor(RouterBank.from_parts(family, labels, tensors, NUM_EXPERTS, score))
 
 
 CAUSAL: dict[str, Callable[[], Predictor]] = {
@@ -372,20 +373,25 @@ def test_gate_lookahead_without_the_hidden_state_says_how_to_trace_it(tmp_path) 
 def test_gate_lookahead_hf_families_use_their_score_and_ignore_the_correction_bias() -> None:
     batch = random_batch(np.random.default_rng(4), num_seqs=2, seq_len=5)
     mixtral, deepseek = linear_gate_lookahead("mixtral", "softmax"), linear_gate_lookahead("deepseek_v3", "sigmoid")
-    scores = mixtral.scorers[1](torch.from_numpy(batch.hidden_at(0))).numpy().astype(np.float64)  # same weights
+    scores = mixtral.routers.scores(torch.from_numpy(batch.hidden_at(0)), 1).numpy().astype(np.float64)  # same weights
     softmax = mixtral.predict(batch, 0, [1]).probs_NDE[:, 0]
     np.testing.assert_allclose(softmax, np.exp(scores) / np.exp(scores).sum(-1, keepdims=True), atol=1e-6)
     unbiased = 1 / (1 + np.exp(-scores))  # e_score_correction_bias (all ones here) must not enter
     sigmoid = deepseek.predict(batch, 0, [1]).probs_NDE[:, 0]
     np.testing.assert_allclose(sigmoid, unbiased / unbiased.sum(-1, keepdims=True), atol=1e-6)
-    switch = GateLookaheadPredictor.from_parts(
-        "switch_transformers",
-        ["decoder.1"],
-        {"decoder.1.classifier.weight": torch.eye(3, 2), "decoder.1.classifier.bias": torch.tensor([0.0, 0.0, 1.0])},
-        num_experts=3,
+    switch = GateLookaheadPredictor(
+        RouterBank.from_parts(
+            "switch_transformers",
+            ["decoder.1"],
+            {
+                "decoder.1.classifier.weight": torch.eye(3, 2),
+                "decoder.1.classifier.bias": torch.tensor([0.0, 0.0, 1.0]),
+            },
+            num_experts=3,
+        )
     )
     one_layer = make_batch([[[0]]], [[[1.0]]], [[[0.2, 0.3, 0.5]]], [0], [0], np.array([[[2.0, 0.0]]]), [0])
     expected = np.exp([2.0, 0.0, 1.0]) / np.exp([2.0, 0.0, 1.0]).sum()
     np.testing.assert_allclose(switch.predict(one_layer, 0, [0]).probs_NDE[0, 0], expected, atol=1e-6)
     with pytest.raises(ValueError, match="supported"):
-        GateLookaheadPredictor.from_parts("llama", ["decoder.0"], {}, num_experts=3)
+        RouterBank.from_parts("llama", ["decoder.0"], {}, num_experts=3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_learned_models import MODEL_KINDS, E, H, L, tiny_model
+from test_learned_models import MODEL_KINDS, SEES_OTHER_TOKENS, VARIANTS, E, H, L, tiny_model
 
 from speculation.errors import UserError
 from speculation.predictors.inference import StreamingPredictor, batch_outputs
@@ -19,10 +19,11 @@ def random_sequence(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(3 * torch.randn(T, L, E, generator=generator), -1), torch.randn(T, L, H, generator=generator)
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_streaming_steps_equal_the_batch_model(kind: str) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streaming_steps_equal_the_batch_model(variant: str) -> None:
     torch.manual_seed(0)
-    model = tiny_model(kind)
+    kind = variant.split("/")[0]
+    model = tiny_model(variant)
     streaming = StreamingPredictor(model)
     for seed in (1, 2):  # two sequences: reset() must clear every piece of state
         probs_TLE, hidden_TLH = random_sequence(seed)
@@ -34,7 +35,7 @@ def test_streaming_steps_equal_the_batch_model(kind: str) -> None:
                 torch.testing.assert_close(probs_DE, expected_probs[t, layer], atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(confidence_D, expected_confidence[t, layer], atol=1e-5, rtol=1e-4)
         # and the outputs do depend on the history: a different earlier token changes the last prediction
-    if kind != "contextual":  # contextual reads the current token only
+    if kind in SEES_OTHER_TOKENS:  # contextual and probe read the current token only
         probs_TLE, hidden_TLH = random_sequence(1)
         other_probs, other_hidden = probs_TLE.clone(), hidden_TLH.clone()
         other_probs[0], other_hidden[0] = random_sequence(3)[0][0], random_sequence(3)[1][0]

@@ -19,9 +19,14 @@ from speculation.predictors.learned import (
     TransformerModel,
     build_model,
 )
+from speculation.predictors.routers import random_bank
 
 B, T, L, E, H, D = 2, 6, 4, 5, 8, 2
 MODEL_KINDS = [str(kind) for kind in PredictorKind]
+# Every kind without and with gate lookahead (input and prior); the two single modes on one kind.
+VARIANTS = [*(f"{kind}/none" for kind in MODEL_KINDS), *(f"{kind}/both" for kind in MODEL_KINDS),
+            "contextual/input", "contextual/prior"]  # fmt: skip
+SEES_OTHER_TOKENS = {"transformer", "hierarchical"}  # contextual and probe read the current token only
 
 
 def tiny_config(kind: str, **overrides) -> PredictorConfig:
@@ -31,8 +36,12 @@ def tiny_config(kind: str, **overrides) -> PredictorConfig:
     return PredictorConfig(kind=kind, **{**fields, **overrides})
 
 
-def tiny_model(kind: str, **overrides) -> nn.Module:
-    return build_model(L, E, H, tiny_config(kind, **overrides)).eval()
+def tiny_model(variant: str, **overrides) -> nn.Module:
+    """``variant``: a kind, or ``kind/gate_lookahead`` (random routers of the tiny geometry when it is not none)."""
+    kind, _, gate = variant.partition("/")
+    cfg = tiny_config(kind, gate_lookahead=gate or "none", **overrides)
+    routers = random_bank(L, E, H, seed=7) if cfg.uses_routers else None
+    return build_model(L, E, H, cfg, routers).eval()
 
 
 def random_inputs(masked: bool = False, generator: torch.Generator | None = None) -> PredictorInputs:
@@ -87,9 +96,10 @@ class LeakyModel(nn.Module):
 # ------------------------------------------------------------------------------------------------------- outputs
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_output_shapes_and_ranges(kind: str) -> None:
-    out = tiny_model(kind)(random_inputs(masked=True))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_output_shapes_and_ranges(variant: str) -> None:
+    kind = variant.split("/")[0]
+    out = tiny_model(variant)(random_inputs(masked=True))
     assert out.logits_BTLDE.shape == (B, T, L, D, E)
     assert out.confidence_BTLD.shape == (B, T, L, D)
     assert out.logits_BTLDE.dtype == out.confidence_BTLD.dtype == torch.float32
@@ -101,16 +111,18 @@ def test_output_shapes_and_ranges(kind: str) -> None:
 def test_default_models_are_small() -> None:
     for kind in MODEL_KINDS:
         num_params = sum(p.numel() for p in build_model(6, 8, 128, PredictorConfig(kind=kind)).parameters())
-        assert 50_000 <= num_params <= 200_000, (kind, num_params)
+        low = 5_000 if kind == "probe" else 50_000  # the probe is the cost baseline: two linear layers
+        assert low <= num_params <= 200_000, (kind, num_params)
 
 
 # ----------------------------------------------------------------------------------------------------- causality
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_causal_by_perturbation(kind: str, masked: bool) -> None:
-    model = tiny_model(kind)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_by_perturbation(variant: str, masked: bool) -> None:
+    """Every input, the gate lookahead's included (it reads the perturbed hidden states), stays causal."""
+    model = tiny_model(variant)
     inputs = random_inputs(masked=masked)
     for b in range(B):
         for t in range(T):
@@ -125,20 +137,21 @@ def test_causality_check_catches_a_leak() -> None:
     assert entry_change(LeakyModel(), inputs, changed, 0, 2, 1) > 1e-3
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_reads_what_it_may(kind: str) -> None:
-    """The allowed inputs matter: token t's layer l, and (except contextual) earlier tokens' later layers."""
-    model, inputs = tiny_model(kind), random_inputs()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reads_what_it_may(variant: str) -> None:
+    """The allowed inputs matter: token t's layer l, and (transformer, hierarchical) earlier tokens' later layers."""
+    kind = variant.split("/")[0]
+    model, inputs = tiny_model(variant), random_inputs()
     current_BTL = torch.zeros(B, T, L, dtype=torch.bool)
     current_BTL[0, 3, 1] = True
     assert entry_change(model, inputs, perturb(inputs, current_BTL, seed=2), 0, 3, 1) > 1e-4
     earlier_BTL = torch.zeros(B, T, L, dtype=torch.bool)
     earlier_BTL[0, :3, L - 1] = True  # layers above l = 0, but of earlier tokens: allowed
     change = entry_change(model, inputs, perturb(inputs, earlier_BTL, seed=3), 0, 3, 0)
-    if kind == "contextual":
-        assert change == 0  # uses no other token
-    else:
+    if kind in SEES_OTHER_TOKENS:
         assert change > 1e-4
+    else:
+        assert change == 0  # uses no other token
 
 
 # --------------------------------------------------------------------------------------------- masking, padding
@@ -164,7 +177,7 @@ def test_masking_changes_only_what_it_hides(kind: str) -> None:
     assert (one_BTLDE[0, 2, 1] - plain_BTLDE[0, 2, 1]).abs().max() > 1e-4  # token 2 at layer 1 reads it
     torch.testing.assert_close(one_BTLDE[0, 2, 0], plain_BTLDE[0, 2, 0])  # layer 0 must not
     torch.testing.assert_close(one_BTLDE[1], plain_BTLDE[1])  # nor the other row
-    if kind != "contextual":  # later tokens read every layer of token 2
+    if kind in SEES_OTHER_TOKENS:  # later tokens read every layer of token 2
         upper_BTL = nothing_BTL.clone()
         upper_BTL[0, 2, L - 1] = True
         assert (run(upper_BTL)[0, 3, 0] - plain_BTLDE[0, 3, 0]).abs().max() > 1e-4
@@ -197,18 +210,56 @@ def test_padding_never_reaches_real_tokens(kind: str) -> None:
 # --------------------------------------------------------------------------------------------- training signals
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_gradients_reach_every_parameter(kind: str) -> None:
-    model = build_model(L, E, H, tiny_config(kind, dropout=0.1)).train()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_every_parameter(variant: str) -> None:
+    """Every trainable parameter gets a gradient; the copied routers are frozen and stay in eval mode."""
+    model = tiny_model(variant, dropout=0.1).train()
     out = model(random_inputs(masked=True))
     loss = (out.logits_BTLDE * torch.randn_like(out.logits_BTLDE)).sum() + (
         out.confidence_BTLD * torch.randn_like(out.confidence_BTLD)
     ).sum()
     loss.backward()
     for name, param in model.named_parameters():
+        if ".routers." in name:
+            assert not param.requires_grad and param.grad is None, name
+            continue
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
+    assert all(not module.training for name, module in model.named_modules() if ".routers" in f".{name}")
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_gate_prior_alone_is_gate_lookahead(kind: str) -> None:
+    """With its heads silenced, a model with the gate prior predicts exactly gate lookahead: the softmax of layer
+    l+j+1's router on the hidden state entering l (computed here by hand from the router weights)."""
+    model = tiny_model(f"{kind}/prior")
+    for name, param in model.named_parameters():
+        if name.endswith(("logits.weight", "logits.bias")):
+            param.data.zero_()
+    inputs = random_inputs()
+    with torch.no_grad():
+        probs_BTLDE = torch.softmax(model(inputs).logits_BTLDE, -1)
+    weights = [layer.weight for layer in model.encoder.gate_lookahead.routers.layers]
+    for layer in range(L):
+        for j in range(D):
+            if layer + j + 1 < L:
+                scores_BTE = inputs.hidden_BTLH[:, :, layer] @ weights[layer + j + 1].T
+                torch.testing.assert_close(probs_BTLDE[:, :, layer, j], torch.softmax(scores_BTE, -1))
+            else:  # past the last layer: no prior, and silenced heads give a flat distribution
+                torch.testing.assert_close(probs_BTLDE[:, :, layer, j], torch.full((B, T, E), 1 / E))
+
+
+@pytest.mark.parametrize("gate", ["input", "prior"])
+def test_gate_lookahead_reads_the_routers(gate: str) -> None:
+    """Other router weights change the outputs: the gate inputs are used, not merely carried."""
+    model, inputs = tiny_model(f"probe/{gate}"), random_inputs()
+    with torch.no_grad():
+        before = model(inputs).logits_BTLDE
+        model.encoder.gate_lookahead.routers.layers[2].weight.mul_(-1)
+        after = model(inputs).logits_BTLDE
+    assert (after[:, :, 1, 0] - before[:, :, 1, 0]).abs().max() > 1e-4  # layer 2 predicted from layer 1
+    torch.testing.assert_close(after[:, :, 2:], before[:, :, 2:])  # no source layer >= 2 predicts layer 2
 
 
 def test_hierarchical_fusion_weights() -> None:
@@ -256,8 +307,14 @@ def test_contextual_learns_next_layer_rule() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(ValueError, match="contextual, transformer, hierarchical"):
+    with pytest.raises(ValueError, match="contextual, transformer, hierarchical, probe"):
         build_model(L, E, H, tiny_config("lstm"))
+    with pytest.raises(ValueError, match="gate_lookahead=both needs the traced routers"):
+        build_model(L, E, H, tiny_config("probe", gate_lookahead="both"))
+    with pytest.raises(ValueError, match=r"routers have \(L, E, H\) = \(4, 5, 8\)"):
+        build_model(L, E, H + 1, tiny_config("probe", gate_lookahead="both"), random_bank(L, E, H))
+    with pytest.raises(ValueError, match="gate_lookahead='late' is not one of none, input, prior, both"):
+        tiny_config("probe", gate_lookahead="late")
     with pytest.raises(ValueError, match="divisible"):
         build_model(L, E, H, tiny_config("contextual", d_model=10, num_heads=4))
     with pytest.raises(ValueError, match="max_lookahead"):

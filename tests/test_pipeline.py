@@ -12,7 +12,7 @@ from speculation.workdir import Workdir
 
 def test_the_pipeline_trains_one_predictor_per_kind(trained):
     assert sorted(p.name for p in Workdir(trained).predictors.iterdir()) == [
-        "contextual-seed0", "hierarchical-seed0", "transformer-seed0",
+        "contextual-seed0", "hierarchical-seed0", "probe-seed0", "transformer-seed0",
     ]  # fmt: skip
 
 

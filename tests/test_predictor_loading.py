@@ -24,10 +24,15 @@ def test_traces_without_hidden_states_skip_gate_lookahead_and_say_why(tmp_path):
 def test_trained_predictors_load_with_their_reach_and_another_models_are_refused(trained, tmp_path):
     store = TraceStore.open(Workdir(trained).traces())
     loaded, unfinished = load_trained_predictors(Workdir(trained).predictors, store)
-    assert sorted(p.name for p in loaded) == ["contextual-seed0", "hierarchical-seed0", "transformer-seed0"]
+    assert sorted(p.name for p in loaded) == [
+        "contextual-seed0",
+        "hierarchical-seed0",
+        "probe-seed0",
+        "transformer-seed0",
+    ]
     assert unfinished == {}
     assert {p.max_lookahead for p in loaded} == {2} and {p.group for p in loaded} == {
-        "contextual", "hierarchical", "transformer",
+        "contextual", "hierarchical", "probe", "transformer",
     }  # fmt: skip
     copy = tmp_path / "predictors" / "contextual-seed0"
     shutil.copytree(Workdir(trained).run("contextual-seed0"), copy)

@@ -26,7 +26,7 @@ def ablated(trained, tmp_path_factory):
 
 def test_finished_runs_are_read_and_unfinished_ones_listed(ablated):
     assert sorted(ablated.table.index) == ["contextual-seed0", "contextual-seed1", "ctx-noconf", "hierarchical-seed0",
-                                           "transformer-seed0"]  # fmt: skip
+                                           "probe-seed0", "transformer-seed0"]  # fmt: skip
     assert ablated.skipped == {"half": "still training (training_state.pt, no predictor.json)"}
     assert ablated.lookaheads == [1, 2] and set(ablated.curves["run"]) == set(ablated.table.index)
 

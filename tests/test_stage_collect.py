@@ -150,10 +150,10 @@ def test_a_source_model_trained_elsewhere_traces_another_corpus_where_its_predic
     shutil.copytree(trained / "predictors", other / "predictors")
     evaluate(compose_config("evaluate", ["logger=none", "sim.enabled=false", "eval.bootstrap=20", f"workdir={other}"]))
     scored = pd.read_csv(Workdir(other).eval() / METRICS_CSV)
-    assert {"contextual-seed0", "transformer-seed0", "hierarchical-seed0"} <= set(scored["method"])
+    assert {"contextual-seed0", "transformer-seed0", "hierarchical-seed0", "probe-seed0"} <= set(scored["method"])
     report = (Workdir(other).eval() / REPORT_FILE).read_text()
     section = report.split("## In domain vs out of domain")[1].split("##")[0]
-    assert section.count("| out of domain |") == 3 and "| in domain |" not in section
+    assert section.count("| out of domain |") == 4 and "| in domain |" not in section
 
 
 def test_a_source_workdir_without_a_model_is_one_clear_error(tmp_path):

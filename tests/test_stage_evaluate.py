@@ -15,7 +15,7 @@ from speculation.workdir import METRICS_CSV, METRICS_JSON, PREDICTOR_FILE, REPOR
 
 BASELINES = ["random", "frequency", "previous_token", "layer_minus_1", "multi_layer", "pattern", "adaptive",
              "gate_lookahead", "oracle"]  # fmt: skip
-TRAINED = ["contextual-seed0", "hierarchical-seed0", "transformer-seed0"]
+TRAINED = ["contextual-seed0", "hierarchical-seed0", "probe-seed0", "transformer-seed0"]
 
 
 def test_spec_evaluate_writes_every_file(evaluated):

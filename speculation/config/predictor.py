@@ -10,12 +10,16 @@ from speculation.config.checks import positive, require
 
 LOSS_TERMS = ("routing", "confidence", "consistency", "diversity")  # speculation/losses.py, one function each
 ROUTING_MODES = ("ce", "kl")
+# How a learned model uses gate lookahead (routers l+1..l+D on the hidden state entering l): not at all, as input
+# features, as a residual prior added to its logits, or both.
+GATE_LOOKAHEAD_MODES = ("none", "input", "prior", "both")
 
 
 class PredictorKind(StrEnum):
     contextual = "contextual"  # attention over the current token's last layers' routing + its hidden state
     transformer = "transformer"  # causal transformer over earlier tokens + LSTM over the current token's layers
     hierarchical = "hierarchical"  # token-level and sequence-level heads mixed by learned fusion weights
+    probe = "probe"  # two linear layers on the current (token, layer)'s hidden state, routing and gate lookahead
 
 
 @dataclass
@@ -30,6 +34,9 @@ class PredictorConfig:
     num_blocks: int = 2  # transformer: causal blocks over tokens
     dropout: float = 0.1
     max_positions: int = 512  # longest window (traced sequence) the learned position table covers
+    # GATE_LOOKAHEAD_MODES; anything but none needs the traced routers' weights. conf/predictor/*.yaml sets both;
+    # the schema keeps none, what runs made before the option did, so their saved identity still matches.
+    gate_lookahead: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "max_lookahead", "context_layers", "num_heads", "num_blocks", "max_positions"):
@@ -39,6 +46,15 @@ class PredictorConfig:
             f"predictor.d_model={self.d_model} must be divisible by predictor.num_heads={self.num_heads}.",
         )
         require(0 <= self.dropout < 1, f"predictor.dropout={self.dropout} must be in [0, 1).")
+        require(
+            self.gate_lookahead in GATE_LOOKAHEAD_MODES,
+            f"predictor.gate_lookahead={self.gate_lookahead!r} is not one of {', '.join(GATE_LOOKAHEAD_MODES)}.",
+        )
+
+    @property
+    def uses_routers(self) -> bool:
+        """Whether the model holds the traced routers (gate lookahead as input or prior)."""
+        return self.gate_lookahead != "none"
 
 
 @dataclass

@@ -12,11 +12,15 @@ token by token and layer by layer, carrying each model's state, at batch 1.
 state that entered it. Its outputs equal the batch model's outputs ``[t, layer]`` on the same sequence (tested), so
 the numbers of ``spec-evaluate`` are the numbers this API gives.
 
-State per model (``speculation.predictors.learned``): ``contextual`` keeps the current token's routing embeddings
-(its attention window over layers); ``hierarchical`` its layer LSTM's state and the running sum of the previous
-tokens' summaries; ``transformer`` its layer LSTM's state and the previous tokens' slot embeddings, over which its
-causal context encoder runs once per token (at layer 0) — ``nn.TransformerEncoder`` has no key/value cache, so that
-one call grows with the position, up to ``predictor.max_positions``.
+State per model (``speculation.predictors.learned``): ``probe`` keeps none; ``contextual`` keeps the current
+token's routing embeddings (its attention window over layers); ``hierarchical`` its layer LSTM's state and the
+running sum of the previous tokens' summaries; ``transformer`` its layer LSTM's state and the previous tokens' slot
+embeddings, over which its causal context encoder runs once per token (at layer 0) — ``nn.TransformerEncoder`` has
+no key/value cache, so that one call grows with the position, up to ``predictor.max_positions``.
+
+A model with gate lookahead (``predictor.gate_lookahead``) applies its own frozen copies of the routers of layers
+``layer + 1 .. layer + D`` to ``hidden_H`` in the step: an engine that already runs those routers early could hand
+their scores in instead, at no extra cost.
 
 Shape legend (docs/glossary.md): L MoE layers, E experts, H hidden width, D lookaheads, M predictor width.
 """
@@ -29,7 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from speculation.errors import UserError
-from speculation.predictors.learned import ContextualModel, HierarchicalModel, PredictorInputs, TransformerModel
+from speculation.predictors.learned import (
+    ContextualModel,
+    HierarchicalModel,
+    PredictorInputs,
+    ProbeModel,
+    TransformerModel,
+)
 from speculation.predictors.trained import load_model
 
 
@@ -68,21 +78,25 @@ class StreamingPredictor:
             )
         model = self.model
         encoder = model.encoder
+        hidden_H = hidden_H.float()
+        gate_DE = None if encoder.gate_lookahead is None else encoder.gate_lookahead.step_log_probs(hidden_H, layer)
         routing_M = encoder.routing_proj(probs_E.float()) + encoder.layer_embedding.weight[layer]
-        hidden_M = encoder.hidden_proj(encoder.hidden_norm(hidden_H.float()))
+        hidden_M = encoder.embed_hidden(hidden_H, gate_DE)
         self._routing_LM.append(routing_M)
         if isinstance(model, ContextualModel):
-            out = self._contextual(layer, routing_M, hidden_M)
+            logits_DE, confidence_D = self._contextual(layer, routing_M, hidden_M)
         elif isinstance(model, TransformerModel):
-            out = self._transformer(layer, routing_M, hidden_M)
+            logits_DE, confidence_D = self._transformer(layer, routing_M, hidden_M)
         elif isinstance(model, HierarchicalModel):
-            out = self._hierarchical(layer, routing_M, hidden_M)
+            logits_DE, confidence_D = self._hierarchical(layer, routing_M, hidden_M)
+        elif isinstance(model, ProbeModel):
+            logits_DE, confidence_D = model.heads(F.gelu(routing_M + hidden_M))
         else:
             raise UserError(f"no streaming step for {type(model).__name__}")
         self.next_layer += 1
         if self.next_layer == self.num_layers:
             self._end_token(hidden_M)
-        return out
+        return torch.softmax(encoder.add_prior(logits_DE, gate_DE), -1), confidence_D
 
     def _lstm(self, lstm: torch.nn.LSTM, input_M: torch.Tensor) -> torch.Tensor:
         output, self._lstm_state = lstm(input_M[None, None], self._lstm_state)
@@ -97,7 +111,7 @@ class StreamingPredictor:
         window = int((~model.blocked_LL[layer]).sum())  # layers layer - window + 1 .. layer
         keys_NM = torch.stack(self._routing_LM[-window:])
         attended, _ = model.attention(query_M[None, None], keys_NM[None], keys_NM[None], need_weights=False)
-        return _heads(model.heads, model.fuse(torch.cat([attended[0, 0], query_M])))
+        return model.heads(model.fuse(torch.cat([attended[0, 0], query_M])))
 
     def _transformer(self, layer: int, routing_M: torch.Tensor, hidden_M: torch.Tensor) -> tuple:
         model = self.model
@@ -106,7 +120,7 @@ class StreamingPredictor:
             causal_TT = torch.ones(len(slots_TM), len(slots_TM), dtype=torch.bool).triu(1)
             self._context_M = model.context(slots_TM[None], mask=causal_TT, is_causal=True)[0, -1]
         current_M = self._lstm(model.history.lstm, routing_M + hidden_M) + model.encoder.layer_embedding.weight[layer]
-        return _heads(model.heads, model.fuse(torch.cat([self._context_M, current_M])))
+        return model.heads(model.fuse(torch.cat([self._context_M, current_M])))
 
     def _hierarchical(self, layer: int, routing_M: torch.Tensor, hidden_M: torch.Tensor) -> tuple:
         model = self.model
@@ -121,7 +135,7 @@ class StreamingPredictor:
         log_probs_DSE = torch.stack([F.log_softmax(token_logits_DE, -1), F.log_softmax(sequence_logits_DE, -1)], -2)
         logits_DE = torch.logsumexp(log_probs_DSE + log_fusion_S[None, :, None], dim=-2)
         confidence_D = (torch.stack([token_confidence_D, sequence_confidence_D], -1) * log_fusion_S.exp()).sum(-1)
-        return torch.softmax(logits_DE, -1), confidence_D
+        return logits_DE, confidence_D
 
     def _end_token(self, hidden_last_M: torch.Tensor) -> None:
         """The token's last layer ran: fold it into the sequence state and move to the next token."""
@@ -136,11 +150,6 @@ class StreamingPredictor:
         self._lstm_state = None
         self.next_layer = 0
         self.position += 1
-
-
-def _heads(heads: torch.nn.Module, features_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits_DE, confidence_D = heads(features_M)
-    return torch.softmax(logits_DE, -1), confidence_D
 
 
 def batch_outputs(model: torch.nn.Module, probs_TLE: torch.Tensor, hidden_TLH: torch.Tensor) -> tuple:

@@ -9,6 +9,11 @@ layers ``<= l`` and tokens ``t' < t`` of row ``b`` at any layer. Every model hol
 through a banded attention mask or an LSTM run from layer 0 upwards; across tokens through a one-token shift (slot
 ``t`` holds the features of token ``t - 1``) followed by causal attention or a running sum. No op mixes batch rows
 (LayerNorm only, never BatchNorm).
+
+**Gate lookahead** (``predictor.gate_lookahead``): the routers of layers ``l + 1 .. l + D`` applied to the hidden
+state entering layer ``l`` (:class:`GateInputs`, frozen copies of the traced routers) read token ``t`` at layer
+``l`` only, so they keep the contract; as inputs they are embedded into the hidden-state features, as a prior their
+log-probabilities are added to the predicted logits with a learned scale per lookahead.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 
 from speculation.config.predictor import PredictorConfig, PredictorKind
 from speculation.errors import UserError
+from speculation.predictors.routers import RouterBank
 
 
 @dataclass
@@ -61,10 +67,45 @@ def shift_tokens(x_BT: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     return torch.cat([first_B1, x_BT[:, :-1]], dim=1)
 
 
-class InputEncoder(nn.Module):
-    """Per-(token, layer) embeddings of routing (plus a layer embedding) and of the hidden state."""
+class GateInputs(nn.Module):
+    """Gate lookahead inside a learned model: frozen routers, an embedding of their predictions and/or a prior.
 
-    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, d_model: int):
+    ``input``: the D x E log-probabilities of layers l+1..l+D's routers on the hidden state entering l are embedded
+    into that (token, layer)'s hidden features. ``prior``: they are added to the predicted logits, scaled by a
+    learned weight per lookahead (1 at the start, so an untrained model already predicts what gate lookahead does).
+    """
+
+    def __init__(self, routers: RouterBank, mode: str, max_lookahead: int, d_model: int):
+        super().__init__()
+        self.routers = routers
+        self.max_lookahead = max_lookahead
+        self.embed = nn.Linear(max_lookahead * routers.num_experts, d_model) if mode in ("input", "both") else None
+        self.prior_scale_D = nn.Parameter(torch.ones(max_lookahead)) if mode in ("prior", "both") else None
+
+    def log_probs(self, hidden_BTLH: torch.Tensor) -> torch.Tensor:
+        """[B, T, L, D, E] gate-lookahead log-probabilities (0 past the last layer)."""
+        return self.routers.lookahead_log_probs(hidden_BTLH, self.max_lookahead)
+
+    def step_log_probs(self, hidden_H: torch.Tensor, layer: int) -> torch.Tensor:
+        """[D, E]: :meth:`log_probs` of one token at one layer."""
+        return self.routers.step_log_probs(hidden_H, layer, self.max_lookahead)
+
+    def features(self, log_probs_DE: torch.Tensor) -> torch.Tensor | float:
+        """[..., M] input features (0 when the mode uses none)."""
+        return 0.0 if self.embed is None else self.embed(log_probs_DE.flatten(-2))
+
+    def add_prior(self, logits_DE: torch.Tensor, log_probs_DE: torch.Tensor) -> torch.Tensor:
+        """``logits + scale_d * log p_gate`` (the logits unchanged when the mode has no prior)."""
+        return logits_DE if self.prior_scale_D is None else logits_DE + self.prior_scale_D[:, None] * log_probs_DE
+
+
+class InputEncoder(nn.Module):
+    """Per-(token, layer) embeddings of routing (plus a layer embedding) and of the hidden state (plus its gate
+    lookahead features when the model has :class:`GateInputs`)."""
+
+    def __init__(
+        self, num_layers: int, num_experts: int, hidden_size: int, d_model: int, gate: GateInputs | None = None
+    ):
         super().__init__()
         self.shape_LEH = (num_layers, num_experts, hidden_size)
         self.routing_proj = nn.Linear(num_experts, d_model)
@@ -74,9 +115,16 @@ class InputEncoder(nn.Module):
         # No affine part: the projection after it already scales and shifts.
         self.hidden_norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.hidden_proj = nn.Linear(hidden_size, d_model)
+        self.gate_lookahead = gate
 
-    def forward(self, inputs: PredictorInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """routing_BTLM (masked entries -> mask embedding, layer embedding added) and hidden_BTLM."""
+    def embed_hidden(self, hidden_H: torch.Tensor, gate_DE: torch.Tensor | None) -> torch.Tensor:
+        """[..., H] hidden states (and their [..., D, E] gate lookahead) -> [..., M] features."""
+        hidden_M = self.hidden_proj(self.hidden_norm(hidden_H))
+        return hidden_M if gate_DE is None else hidden_M + self.gate_lookahead.features(gate_DE)
+
+    def forward(self, inputs: PredictorInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """routing_BTLM (masked entries -> mask embedding, layer embedding added), hidden_BTLM and the gate
+        lookahead log-probabilities gate_BTLDE (None without :class:`GateInputs`)."""
         probs_BTLE, hidden_BTLH, mask_BT = inputs.probs_BTLE, inputs.hidden_BTLH, inputs.mask_BT
         got = (probs_BTLE.shape[2], probs_BTLE.shape[3], hidden_BTLH.shape[3])
         if got != self.shape_LEH or hidden_BTLH.shape[:3] != probs_BTLE.shape[:3]:
@@ -92,8 +140,11 @@ class InputEncoder(nn.Module):
         if inputs.masked_BTL is not None:
             routing_BTLM = torch.where(inputs.masked_BTL[..., None], self.mask_embedding, routing_BTLM)
         routing_BTLM = routing_BTLM + self.layer_embedding.weight  # the layer stays known even where masked
-        hidden_BTLM = self.hidden_proj(self.hidden_norm(hidden_BTLH))
-        return routing_BTLM, hidden_BTLM
+        gate_BTLDE = None if self.gate_lookahead is None else self.gate_lookahead.log_probs(hidden_BTLH)
+        return routing_BTLM, self.embed_hidden(hidden_BTLH, gate_BTLDE), gate_BTLDE
+
+    def add_prior(self, logits_DE: torch.Tensor, gate_DE: torch.Tensor | None) -> torch.Tensor:
+        return logits_DE if gate_DE is None else self.gate_lookahead.add_prior(logits_DE, gate_DE)
 
 
 class PositionEmbedding(nn.Module):
@@ -162,10 +213,12 @@ class ContextualModel(nn.Module):
     embeddings of layers max(0, l - context_layers + 1) .. l. The attended vector and the query are fused by an MLP.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig):
+    def __init__(
+        self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig, gate: GateInputs | None
+    ):
         super().__init__()
         M = cfg.d_model
-        self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M)
+        self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M, gate)
         self.positions = PositionEmbedding(cfg.max_positions, M)
         self.query_norm = nn.LayerNorm(M)
         self.attention = nn.MultiheadAttention(M, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
@@ -177,7 +230,7 @@ class ContextualModel(nn.Module):
         self.heads = PredictionHeads(M, cfg.max_lookahead, num_experts)
 
     def forward(self, inputs: PredictorInputs) -> PredictorOutputs:
-        routing_BTLM, hidden_BTLM = self.encoder(inputs)
+        routing_BTLM, hidden_BTLM, gate_BTLDE = self.encoder(inputs)
         B, T, L, M = routing_BTLM.shape
         query_BTLM = hidden_BTLM + self.encoder.layer_embedding.weight + self.positions(T)[:, None]
         query_BTLM = self.query_norm(query_BTLM)
@@ -189,7 +242,8 @@ class ContextualModel(nn.Module):
             need_weights=False,
         )
         features_BTLM = self.fuse(torch.cat([attended_NLM.reshape(B, T, L, M), query_BTLM], dim=-1))
-        return PredictorOutputs(*self.heads(features_BTLM))
+        logits_BTLDE, confidence_BTLD = self.heads(features_BTLM)
+        return PredictorOutputs(self.encoder.add_prior(logits_BTLDE, gate_BTLDE), confidence_BTLD)
 
 
 class TransformerModel(nn.Module):
@@ -199,10 +253,12 @@ class TransformerModel(nn.Module):
     holds token t - 1 (slot 0 a learned "no context" vector), so with a causal mask slot t sees tokens < t only.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig):
+    def __init__(
+        self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig, gate: GateInputs | None
+    ):
         super().__init__()
         M = cfg.d_model
-        self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M)
+        self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M, gate)
         self.positions = PositionEmbedding(cfg.max_positions, M)
         self.summary = TokenSummary(num_layers, M)
         self.no_context = nn.Parameter(0.02 * torch.randn(M))
@@ -215,7 +271,7 @@ class TransformerModel(nn.Module):
         self.heads = PredictionHeads(M, cfg.max_lookahead, num_experts)
 
     def forward(self, inputs: PredictorInputs) -> PredictorOutputs:
-        routing_BTLM, hidden_BTLM = self.encoder(inputs)
+        routing_BTLM, hidden_BTLM, gate_BTLDE = self.encoder(inputs)
         T, L = routing_BTLM.shape[1:3]
         token_BTM = self.summary(routing_BTLM) + hidden_BTLM[:, :, -1]
         slots_BTM = shift_tokens(token_BTM, self.no_context) + self.positions(T)
@@ -224,7 +280,8 @@ class TransformerModel(nn.Module):
         history_BTLM = self.history(routing_BTLM + hidden_BTLM)
         current_BTLM = history_BTLM + self.encoder.layer_embedding.weight
         features_BTLM = self.fuse(torch.cat([context_BTM[:, :, None].expand(-1, -1, L, -1), current_BTLM], dim=-1))
-        return PredictorOutputs(*self.heads(features_BTLM))
+        logits_BTLDE, confidence_BTLD = self.heads(features_BTLM)
+        return PredictorOutputs(self.encoder.add_prior(logits_BTLDE, gate_BTLDE), confidence_BTLD)
 
 
 class HierarchicalModel(nn.Module):
@@ -236,10 +293,12 @@ class HierarchicalModel(nn.Module):
     distributions, returned as its log-probabilities.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig):
+    def __init__(
+        self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig, gate: GateInputs | None
+    ):
         super().__init__()
         M = cfg.d_model
-        self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M)
+        self.encoder = InputEncoder(num_layers, num_experts, hidden_size, M, gate)
         self.history = LayerHistory(M)
         self.token_mlp = mlp(M, M, cfg.dropout)
         self.summary = TokenSummary(num_layers, M)
@@ -250,7 +309,7 @@ class HierarchicalModel(nn.Module):
         self.gate = nn.Sequential(nn.Linear(2 * M, M), nn.GELU(), nn.Linear(M, 2))
 
     def forward(self, inputs: PredictorInputs) -> PredictorOutputs:
-        routing_BTLM, hidden_BTLM = self.encoder(inputs)
+        routing_BTLM, hidden_BTLM, gate_BTLDE = self.encoder(inputs)
         layer_LM = self.encoder.layer_embedding.weight
         token_BTLM = self.token_mlp(self.history(routing_BTLM + hidden_BTLM) + layer_LM)
 
@@ -270,21 +329,47 @@ class HierarchicalModel(nn.Module):
             [F.log_softmax(token_logits_BTLDE, -1), F.log_softmax(sequence_logits_BTLDE, -1)], dim=-2
         )
         logits_BTLDE = torch.logsumexp(log_probs_BTLDSE + log_fusion_BTLS[:, :, :, None, :, None], dim=-2)
+        logits_BTLDE = self.encoder.add_prior(logits_BTLDE, gate_BTLDE)  # a product with the gate prior
         fusion_BTLS = log_fusion_BTLS.exp()
         confidence_BTLDS = torch.stack([token_confidence_BTLD, sequence_confidence_BTLD], dim=-1)
         confidence_BTLD = (confidence_BTLDS * fusion_BTLS[:, :, :, None]).sum(-1)
         return PredictorOutputs(logits_BTLDE, confidence_BTLD, fusion_weights_BTLS=fusion_BTLS)
 
 
+class ProbeModel(nn.Module):
+    """The cheapest learned predictor, the cost baseline: two linear layers per (token, layer).
+
+    Features: the hidden state entering layer l (with its gate lookahead embedded, when configured) plus that
+    layer's routing and the layer embedding, through a GELU into the heads; in the spirit of the pre-attention
+    predictors of the literature. It reads no other layer and no other token.
+    """
+
+    def __init__(
+        self, num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig, gate: GateInputs | None
+    ):
+        super().__init__()
+        self.encoder = InputEncoder(num_layers, num_experts, hidden_size, cfg.d_model, gate)
+        self.heads = PredictionHeads(cfg.d_model, cfg.max_lookahead, num_experts)
+
+    def forward(self, inputs: PredictorInputs) -> PredictorOutputs:
+        routing_BTLM, hidden_BTLM, gate_BTLDE = self.encoder(inputs)
+        logits_BTLDE, confidence_BTLD = self.heads(F.gelu(routing_BTLM + hidden_BTLM))
+        return PredictorOutputs(self.encoder.add_prior(logits_BTLDE, gate_BTLDE), confidence_BTLD)
+
+
 MODELS: dict[PredictorKind, type[nn.Module]] = {
     PredictorKind.contextual: ContextualModel,
     PredictorKind.transformer: TransformerModel,
     PredictorKind.hierarchical: HierarchicalModel,
+    PredictorKind.probe: ProbeModel,
 }
 
 
-def build_model(num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig) -> nn.Module:
-    """The learned predictor ``cfg.kind`` for traces with L MoE layers, E experts and hidden width H.
+def build_model(
+    num_layers: int, num_experts: int, hidden_size: int, cfg: PredictorConfig, routers: RouterBank | None = None
+) -> nn.Module:
+    """The learned predictor ``cfg.kind`` for traces with L MoE layers, E experts and hidden width H; ``routers``:
+    the traced routers, which ``cfg.gate_lookahead`` other than none needs (their geometry must match).
 
     ``cfg`` was validated when it was built (``PredictorConfig.__post_init__``); the traces must have a layer.
     """
@@ -292,4 +377,12 @@ def build_model(num_layers: int, num_experts: int, hidden_size: int, cfg: Predic
         raise ValueError(f"unknown predictor kind {cfg.kind!r}; choose one of {', '.join(MODELS)}")
     if num_layers < 1:
         raise ValueError(f"the traces have {num_layers} MoE layers; a predictor needs at least one")
-    return MODELS[PredictorKind(cfg.kind)](num_layers, num_experts, hidden_size, cfg)
+    gate = None
+    if cfg.uses_routers:
+        if routers is None:
+            raise ValueError(f"predictor.gate_lookahead={cfg.gate_lookahead} needs the traced routers; pass routers")
+        got = (len(routers.layers), routers.num_experts, routers.hidden_size)
+        if got != (num_layers, num_experts, hidden_size):
+            raise ValueError(f"routers have (L, E, H) = {got}; the traces {(num_layers, num_experts, hidden_size)}")
+        gate = GateInputs(routers, cfg.gate_lookahead, cfg.max_lookahead, cfg.d_model)
+    return MODELS[PredictorKind(cfg.kind)](num_layers, num_experts, hidden_size, cfg, gate)

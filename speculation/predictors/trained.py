@@ -21,6 +21,7 @@ from speculation.errors import UserError
 from speculation.io import file_sha256
 from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.learned import PredictorInputs, build_model
+from speculation.predictors.routers import RouterBank
 from speculation.traces.batches import TraceBatch
 from speculation.workdir import PREDICTOR_FILE, WEIGHTS_FILE
 
@@ -88,7 +89,8 @@ def load_model(run_dir: Path, meta: dict | None = None) -> tuple[torch.nn.Module
     saved = dict(meta["config"]["predictor"])
     config = PredictorConfig(**{**saved, "kind": PredictorKind(saved["kind"])})
     geometry = meta["geometry"]
-    model = build_model(geometry["num_layers"], geometry["num_experts"], geometry["hidden_size"], config)
+    routers = RouterBank(geometry["routers"]) if geometry.get("routers") else None  # weights: model.safetensors
+    model = build_model(geometry["num_layers"], geometry["num_experts"], geometry["hidden_size"], config, routers)
     load_weights(model, run_dir)
     return model.eval(), meta
 

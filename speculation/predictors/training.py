@@ -30,6 +30,7 @@ from speculation.identity import claim_identity, flatten
 from speculation.io import atomic_path, atomic_write_json, file_sha256, remove_stale_temps
 from speculation.losses import combine, confidence_loss, consistency_loss, diversity_loss, routing_loss
 from speculation.predictors.learned import PredictorInputs, build_model
+from speculation.predictors.routers import RouterBank
 from speculation.predictors.trained import read_run
 from speculation.predictors.windows import Targets, top1_marginal, window_tensors
 from speculation.traces import SequenceDataset, TraceStore
@@ -175,8 +176,12 @@ def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.dev
 
     torch.manual_seed(cfg.seed)
     geometry = {"num_layers": store.num_layers, "num_experts": num_experts, "hidden_size": store.manifest.hidden.size}
-    model = build_model(geometry["num_layers"], num_experts, geometry["hidden_size"], cfg.predictor).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    routers = RouterBank.from_store(store) if cfg.predictor.uses_routers else None  # frozen, saved with the model
+    geometry["routers"] = None if routers is None else routers.spec  # what load_model rebuilds them from
+    model = build_model(geometry["num_layers"], num_experts, geometry["hidden_size"], cfg.predictor, routers)
+    model = model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     weights = cfg.loss.weights
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -218,7 +223,7 @@ def _finish(
     with atomic_path(out_dir / CURVES_FILE) as tmp:
         pd.DataFrame(state.history).to_csv(tmp, index=False)
     metrics = {"best": state.extra["best"], "steps_run": state.step, "train_time_s": seconds,
-               "parameters": sum(v.numel() for v in best_state.values())}  # fmt: skip
+               "parameters": sum(v.numel() for k, v in best_state.items() if ".routers." not in k)}  # fmt: skip
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     meta = {
         "type": "learned",
