@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from speculation.config import PredictorConfig, PredictorKind, RouterConfig
 from speculation.models.switch_lm import MoEFeedForward
 from speculation.predictors.inference import StreamingPredictor
-from speculation.predictors.learned import build_model
+from speculation.predictors.learned import build_model, learned_parameters
 from speculation.predictors.routers import random_bank
 from speculation.workdir import PREDICTOR_FILE, Workdir
 
@@ -104,7 +104,7 @@ def main() -> None:
                 moe_seconds.append(timed(lambda: moe(x_11H), device))
         warm = seconds[layers:]  # the first token's steps warm the allocator up
         results["predictors"][name] = {
-            "parameters": sum(p.numel() for n, p in model.named_parameters() if ".routers." not in n),  # trained
+            "parameters": learned_parameters(model.named_parameters()),
             "us_per_step_median": 1e6 * statistics.median(warm),
             "us_per_step_mean": 1e6 * statistics.fmean(warm),
             "flops_per_step": statistics.fmean(flops),

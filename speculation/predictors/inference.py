@@ -90,7 +90,7 @@ class StreamingPredictor:
         elif isinstance(model, HierarchicalModel):
             logits_DE, confidence_D = self._hierarchical(layer, routing_M, hidden_M)
         elif isinstance(model, ProbeModel):
-            logits_DE, confidence_D = model.heads(F.gelu(routing_M + hidden_M))
+            logits_DE, confidence_D = model.head_outputs(routing_M, hidden_M)
         else:
             raise UserError(f"no streaming step for {type(model).__name__}")
         self.next_layer += 1

@@ -18,6 +18,7 @@ log-probabilities are added to the predicted logits with a learned scale per loo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -351,10 +352,21 @@ class ProbeModel(nn.Module):
         self.encoder = InputEncoder(num_layers, num_experts, hidden_size, cfg.d_model, gate)
         self.heads = PredictionHeads(cfg.d_model, cfg.max_lookahead, num_experts)
 
+    def head_outputs(self, routing_M: torch.Tensor, hidden_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., M] encoder features -> logits [..., D, E] and confidences [..., D], before the gate prior; the
+        batch forward and the streaming step both call it."""
+        return self.heads(F.gelu(routing_M + hidden_M))
+
     def forward(self, inputs: PredictorInputs) -> PredictorOutputs:
         routing_BTLM, hidden_BTLM, gate_BTLDE = self.encoder(inputs)
-        logits_BTLDE, confidence_BTLD = self.heads(F.gelu(routing_BTLM + hidden_BTLM))
+        logits_BTLDE, confidence_BTLD = self.head_outputs(routing_BTLM, hidden_BTLM)
         return PredictorOutputs(self.encoder.add_prior(logits_BTLDE, gate_BTLDE), confidence_BTLD)
+
+
+def learned_parameters(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """How many values a model learns, from its ``named_parameters()`` or state dict: every tensor but the frozen
+    router copies its :class:`GateInputs` holds (under ``...routers.``)."""
+    return sum(tensor.numel() for name, tensor in named_tensors if ".routers." not in name)
 
 
 MODELS: dict[PredictorKind, type[nn.Module]] = {

@@ -29,7 +29,7 @@ from speculation.errors import UserError
 from speculation.identity import claim_identity, flatten
 from speculation.io import atomic_path, atomic_write_json, file_sha256, remove_stale_temps
 from speculation.losses import combine, confidence_loss, consistency_loss, diversity_loss, routing_loss
-from speculation.predictors.learned import PredictorInputs, build_model
+from speculation.predictors.learned import PredictorInputs, build_model, learned_parameters
 from speculation.predictors.routers import RouterBank
 from speculation.predictors.trained import read_run
 from speculation.predictors.windows import Targets, top1_marginal, window_tensors
@@ -223,7 +223,7 @@ def _finish(
     with atomic_path(out_dir / CURVES_FILE) as tmp:
         pd.DataFrame(state.history).to_csv(tmp, index=False)
     metrics = {"best": state.extra["best"], "steps_run": state.step, "train_time_s": seconds,
-               "parameters": sum(v.numel() for k, v in best_state.items() if ".routers." not in k)}  # fmt: skip
+               "parameters": learned_parameters(best_state.items())}  # fmt: skip
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     meta = {
         "type": "learned",
