@@ -1,13 +1,17 @@
 """Weights & Biases tracking: offline by default, a no-op with ``logger=none``.
 
 Every stage opens one run with a readable ``name``, ``group`` (the experiment or sweep), ``job_type`` (the stage)
-and ``tags``, and writes it under ``Workdir.wandb`` so ``wandb sync`` can upload it later. Only this module imports
-wandb: the stages log numbers, tables and figures through :class:`Tracker`.
+and ``tags``, and writes it under ``Workdir.wandb`` so ``wandb sync`` can upload it later. Its config is the whole
+stage config, the ``environment`` that ran it and, for stages that read traces, ``traces`` (model, router, corpus:
+what W&B filters by). Its id derives from the workdir, stage and name, so a rerun or a resumed run continues the
+same W&B run instead of adding a duplicate. Only this module imports wandb: the stages log numbers, tables and
+figures through :class:`Tracker`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -17,7 +21,9 @@ from typing import Any
 import pandas as pd
 
 from speculation.config.logger import LoggerBackend, LoggerConfig
-from speculation.workdir import Workdir
+from speculation.config.model import RouterConfig
+from speculation.environment import environment
+from speculation.workdir import CONFIG_FILE, Workdir
 
 
 class Tracker:
@@ -62,14 +68,42 @@ class Tracker:
             self.run = None
 
 
+def router_label(store: Any) -> str | None:
+    """The traced router's :attr:`RouterConfig.label` (the embedded model's, from its saved config), else None."""
+    model = store.manifest.raw.get("model") or {}
+    config_path = store.root / str(model.get("source_dir", "")) / CONFIG_FILE
+    if model.get("kind") != "embedded" or not config_path.is_file():
+        return None
+    return RouterConfig.from_json(json.loads(config_path.read_text())["router"]).label
+
+
+def traces_context(store: Any) -> dict[str, Any]:
+    """What a train or evaluate run's traces are, for its W&B config: model, router, corpus and fingerprint."""
+    return {"model": store.manifest.model_name, "router": router_label(store),
+            "corpus": store.manifest.raw.get("corpus"), "fingerprint": store.manifest.fingerprint()}  # fmt: skip
+
+
+def run_tags(context: dict[str, Any]) -> list[str]:
+    """Tags that tell runs apart in W&B: the model and ``router-<label>`` (``hf`` when the router is the model's)."""
+    router = context.get("router")
+    return [context["model"], f"router-{router}" if router else "router-hf"]
+
+
+def run_id(workdir: Path, job_type: str, name: str) -> str:
+    """One W&B id per (workdir, stage, run name): a rerun resumes that run."""
+    return hashlib.sha256(f"{Path(workdir).resolve()}|{job_type}|{name}".encode()).hexdigest()[:20]
+
+
 def start_run(
     stage_cfg: Any,
     job_type: str,
     name: str,
     tags: list[str] | None = None,
+    traces: dict[str, Any] | None = None,
 ) -> Tracker:
     """Open a W&B run for a stage (or a disabled tracker) from its config dataclass: its ``logger`` section, its
-    ``workdir``, its ``experiment_name`` (the default group) and the whole config as the run's config.
+    ``workdir``, its ``experiment_name`` (the default group) and the whole config, the environment and ``traces``
+    (:func:`traces_context`) as the run's config.
 
     ``WANDB_MODE=disabled`` in the environment also turns it off.
     """
@@ -89,7 +123,13 @@ def start_run(
         job_type=job_type,
         name=name,
         tags=sorted({*cfg.tags, *(tags or [])}),
-        config=json.loads(json.dumps(dataclasses.asdict(stage_cfg), default=str)),
+        config={
+            **json.loads(json.dumps(dataclasses.asdict(stage_cfg), default=str)),
+            "environment": environment(),
+            **({"traces": traces} if traces is not None else {}),
+        },
+        id=run_id(workdir.root, job_type, name),
+        resume="allow",  # the same run again (a rerun, a resume after a kill) continues it
         reinit="finish_previous",
     )
     return Tracker(run)

@@ -18,6 +18,18 @@ def test_every_router_preset_composes_and_validates(router):
     assert cfg.router.max_experts_per_token <= cfg.model.num_experts
 
 
+def test_every_router_preset_has_a_label_of_its_own():
+    """W&B tags and tables tell routers apart by their label (not by gate and selection, which five presets share)."""
+    labels = {
+        p: to_object(compose_config("collect", [f"router={p}"]), CollectConfig).router.label for p in ROUTER_PRESETS
+    }
+    assert labels == {
+        "adaptive_k": "linear-adaptive1to3", "capacity": "linear-top1-cap1.25", "cosine": "cosine-top1",
+        "noisy": "noisy-top1", "span": "linear-top1-span4", "temperature": "linear-top1-temp2",
+        "top1": "linear-top1", "topk": "linear-top2",
+    }  # fmt: skip
+
+
 def test_defaults_are_switch_base_8_shaped():
     cfg = to_object(compose_config("collect"), CollectConfig)
     assert cfg.model.num_experts == 8 and cfg.router.k == 1 and cfg.router.gate == Gate.linear

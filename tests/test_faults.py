@@ -30,7 +30,9 @@ from speculation.workdir import MANIFEST_FILE, PREDICTOR_FILE, REPORT_FILE, STAT
 
 RESUME_CHANGES = [("train.lr=0.01", "train.lr"), ("predictor.d_model=32", "predictor.d_model")]
 SCRIPTS = {"spec-collect": collect.main.cli, "spec-train": train.main.cli, "spec-evaluate": evaluate.main.cli}
-TRAIN = ["experiment=smoke", *TINY_TRAIN, "predictor=contextual"]  # how the `trained` fixture trained its runs
+# How the `trained` fixture trained its contextual run; run_name keeps the command's overrides out of the name, so a
+# rerun with another config meets that run (without it, another config is another run: test_stage_train.py).
+TRAIN = ["experiment=smoke", *TINY_TRAIN, "predictor=contextual", "run_name=contextual-seed0"]
 EVALUATE = ["logger=none", "sim.enabled=false", "eval.bootstrap=0"]
 
 

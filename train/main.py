@@ -12,12 +12,15 @@ from omegaconf import DictConfig
 
 from speculation.cli import one_line_errors, run_console
 from speculation.config import CONF_DIR
-from speculation.stages.train import train
+from speculation.stages.job import hydra_job
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @one_line_errors
+@hydra_job
 def main(cfg: DictConfig) -> None:
+    from speculation.stages.train import train  # here, so --help and tab completion never import torch
+
     train(cfg)
 
 

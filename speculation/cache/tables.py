@@ -53,6 +53,25 @@ def headline(table: pd.DataFrame, fraction: float, lookahead: int) -> pd.DataFra
     return rows[rows["policy"].isin(["on_demand", "oracle"]) | rows["eviction"].isin(["lru", "predicted", "expected"])]
 
 
+def best_policy(table: pd.DataFrame, fraction: float, lookahead: int) -> pd.Series:
+    """The fastest realizable row of :func:`headline`: the oracle and Belady eviction know the future, so they are
+    bounds, not candidates."""
+    rows = headline(table, fraction, lookahead)
+    rows = rows[(rows["policy"] != "oracle") & (rows["eviction"] != "belady")]
+    return rows.loc[rows["ms_per_token"].idxmin()]
+
+
+def policy_label(row: pd.Series) -> str:
+    """``cost_aware_multi/transformer (3 seeds)/expected/B2``: policy, predictor, eviction, budget of one row."""
+    parts = [row["policy"]]
+    if row["predictor"]:
+        parts.append(predictor_label(row))
+    parts.append(row["eviction"])
+    if row["policy"] not in ("on_demand", "oracle"):
+        parts.append(f"B{int(row['budget'])}")
+    return "/".join(str(part) for part in parts)
+
+
 def ms_of(rows: pd.DataFrame, policy: str, eviction: str, lookahead: int) -> float:
     """ms/token of one (policy, eviction, lookahead) among ``rows`` (NaN if it was not simulated)."""
     row = rows[(rows["policy"] == policy) & (rows["eviction"] == eviction) & (rows["lookahead"] == lookahead)]

@@ -60,6 +60,23 @@ class RouterConfig:
     def max_experts_per_token(self) -> int:
         return self.k_max if self.selection == Selection.adaptive_k else self.k
 
+    @property
+    def label(self) -> str:
+        """What sets this router apart, for tags and tables: ``linear-top1``, ``linear-top2``,
+        ``linear-top1-cap1.25``, ``cosine-top1``, ``linear-adaptive1to3``, ``linear-top1-temp2``, ``linear-top1-span4``
+        (the loss coefficients only shape training, so they are left to the config)."""
+        if self.selection == Selection.adaptive_k:
+            parts = [str(self.gate), f"adaptive{self.k}to{self.k_max}"]
+        else:
+            parts = [str(self.gate), f"top{self.k}"]
+        if self.capacity_factor is not None:
+            parts.append(f"cap{self.capacity_factor:g}")
+        if self.temperature != 1.0:
+            parts.append(f"temp{self.temperature:g}")
+        if self.span_length > 1:
+            parts.append(f"span{self.span_length}")
+        return "-".join(parts)
+
 
 @dataclass
 class ModelConfig:

@@ -7,6 +7,7 @@ stage; :func:`speculation.config.to_object` projects it onto the stage's own sch
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ class CollectConfig:
     experiment_name: str = "default"
     workdir: str = "outputs/${experiment_name}"  # shared by all stages
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    threads: int | None = None  # torch CPU threads; None: cores // parallel jobs (stages/job.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -67,8 +68,10 @@ class TrainConfig:
     experiment_name: str = "default"
     workdir: str = "outputs/${experiment_name}"
     device: str = "auto"
+    threads: int | None = None
     seed: int = 0
     run_name: str | None = None
+    command_overrides: list[str] = field(default_factory=list)  # filled by the console script; names the run
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: PredictorTrainConfig = field(default_factory=PredictorTrainConfig)
@@ -80,12 +83,42 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
-        """The run's directory name under ``Workdir.predictors``."""
-        return self.run_name or f"{self.predictor.kind}-seed{self.seed}"
+        """The run's directory name under ``Workdir.predictors``: ``run_name``, or :func:`default_run_name`."""
+        return self.run_name or default_run_name(self.predictor.kind, self.seed, self.command_overrides)
 
 
 # TrainConfig keys that say where or how a run executes, not what it learns: left out of a run's identity.
-PLACEMENT_KEYS = ("experiment_name", "workdir", "device", "run_name", "logger", "train.overwrite")
+PLACEMENT_KEYS = (
+    "experiment_name", "workdir", "device", "threads", "run_name", "command_overrides", "logger", "train.overwrite",
+)  # fmt: skip
+# Command-line keys that change what a predictor learns (its architecture, loss and schedule), minus the two that
+# name every run anyway (the kind and the seed) and the one that only says whether to replace it.
+_LEARNING_GROUPS = ("predictor", "loss", "train")
+_NAMED_ANYWAY = ("predictor", "predictor.kind", "seed", "train.overwrite")
+_MAX_NAME = 120  # characters; longer names end in a digest of the full one (directory names stay portable)
+
+
+def learning_overrides(command_overrides: list[str]) -> list[str]:
+    """The overrides of ``command_overrides`` that change a predictor's weights, sorted, as ``key=value``."""
+    kept = []
+    for override in command_overrides:
+        override = override.lstrip("+~")
+        key = override.split("=", 1)[0]
+        if key in _NAMED_ANYWAY:
+            continue
+        if key in _LEARNING_GROUPS or key.startswith(tuple(f"{group}." for group in _LEARNING_GROUPS)):
+            kept.append(re.sub(r"[/\\\s]", "_", override))
+    return sorted(kept)
+
+
+def default_run_name(kind: PredictorKind | str, seed: int, command_overrides: list[str]) -> str:
+    """``<kind>[-<learning overrides>]-seed<seed>``: ``contextual-seed0``, or, for ``spec-train loss.confidence=0
+    train.lr=0.5``, ``contextual-loss.confidence=0,train.lr=0.5-seed0``; so each point of a sweep over what a run
+    learns gets its own directory, and :func:`seed_group` still groups its seeds."""
+    overrides = ",".join(learning_overrides(command_overrides))
+    if len(overrides) > _MAX_NAME:
+        overrides = f"{overrides[:_MAX_NAME]}~{hashlib.sha256(overrides.encode()).hexdigest()[:10]}"
+    return "-".join(part for part in (str(kind), overrides, f"seed{seed}") if part)
 
 
 def seed_group(run_name: str) -> str:
@@ -99,6 +132,7 @@ class EvaluateConfig:
 
     experiment_name: str = "default"
     workdir: str = "outputs/${experiment_name}"
+    threads: int | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -111,7 +145,8 @@ class PipelineConfig(CollectConfig):
     """``spec-pipeline``: every stage that exists, in order, on one workdir."""
 
     seed: int = 0
-    run_name: str | None = None  # predictor dir name; None: <predictor kind>-seed<seed>
+    run_name: str | None = None  # prefix of the predictor dirs; None: default_run_name per kind
+    command_overrides: list[str] = field(default_factory=list)  # filled by the console script; names the runs
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: PredictorTrainConfig = field(default_factory=PredictorTrainConfig)

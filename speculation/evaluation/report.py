@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
+from speculation.environment import describe
 from speculation.evaluation import tables
 from speculation.evaluation.runner import EvaluationResult
 from speculation.evaluation.tables import aggregate, lookahead_table, per_layer
@@ -113,6 +114,18 @@ def domain_section(frame: pd.DataFrame, domains: dict[str, str]) -> list[str]:
             "(out; `model.source_workdir`).", "", to_markdown(table, formats), ""]  # fmt: skip
 
 
+def provenance(context: dict[str, Any]) -> list[str]:
+    """Which corpus and which code, libraries and machine made these numbers (metrics.json holds the fields)."""
+    lines = []
+    corpus = context.get("corpus")
+    if corpus:
+        lines.append(f"Traced corpus: `{corpus['kind']}`, {corpus['documents']:,} documents, fingerprint "
+                     f"`{corpus['fingerprint'][:16]}`.")  # fmt: skip
+    if context.get("environment"):
+        lines.append(f"Made by {describe(context['environment'])}.")
+    return [" ".join(lines), ""] if lines else []
+
+
 def markdown_sections(frame: pd.DataFrame, result: EvaluationResult, context: dict[str, Any], budget: int) -> list[str]:
     """report.md's prediction-quality part: the setting, one table per lookahead, what was not evaluated."""
     lines = [
@@ -127,6 +140,7 @@ def markdown_sections(frame: pd.DataFrame, result: EvaluationResult, context: di
         "of the sequence used at that layer: the copies a cache of recently used experts would make on demand, so "
         'the only tokens where a prefetch can save time. The "on misses" columns score those tokens alone.',
         "",
+        *provenance(context),
     ]
     for d in sorted(aggregate(frame)["lookahead"].unique()):
         table = lookahead_table(frame, d)

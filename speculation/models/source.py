@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from speculation.config.collect import SourceTrainConfig
 from speculation.config.model import ModelConfig, RouterConfig
+from speculation.environment import environment
 from speculation.errors import MissingInputError, UserError
 from speculation.identity import claim_identity
 from speculation.io import atomic_path, atomic_write_json, remove_stale_temps
@@ -184,6 +185,7 @@ def train_or_load(
         "parameters": model.num_parameters(),
         "active_parameters": model.num_parameters(active_only=True),
         "device": str(device),
+        "environment": environment(),  # the commit, versions and machine that trained it
         "history": history,
     }
     atomic_write_json(out_dir / METRICS_FILE, metrics, sort_keys=True)

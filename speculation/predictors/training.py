@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from speculation.config.predictor import LossConfig
 from speculation.config.stages import PLACEMENT_KEYS, TrainConfig
+from speculation.environment import environment
 from speculation.errors import UserError
 from speculation.identity import claim_identity, flatten
 from speculation.io import atomic_path, atomic_write_json, file_sha256, remove_stale_temps
@@ -223,6 +224,7 @@ def _finish(
     with atomic_path(out_dir / CURVES_FILE) as tmp:
         pd.DataFrame(state.history).to_csv(tmp, index=False)
     metrics = {"best": state.extra["best"], "steps_run": state.step, "train_time_s": seconds,
+               "environment": environment(),  # the commit, versions and machine (threads: what timed it)
                "parameters": learned_parameters(best_state.items())}  # fmt: skip
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     meta = {

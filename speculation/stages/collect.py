@@ -24,6 +24,7 @@ from speculation.locks import locked
 from speculation.models.hf import encode_with_hf_tokenizer, hf_identity, hf_model_digests, load_hf_model, pad_token_id
 from speculation.models.source import check_beats_unigram, load_source_model, source_identity, train_or_load
 from speculation.stages.device import resolve_device
+from speculation.stages.job import apply_threads
 from speculation.tokenizer import PAD_ID, encode_documents, load_or_train_tokenizer
 from speculation.tracing.collection import collect_traces
 from speculation.tracing.feeders import CausalFeeder, Seq2SeqFeeder
@@ -168,8 +169,7 @@ def collect(cfg: DictConfig | CollectConfig) -> Path:
     """Run the collect stage; returns the trace directory (``Workdir.traces()``)."""
     cfg = to_object(cfg, CollectConfig)
     workdir = Workdir(cfg.workdir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     with locked(workdir.lock("traces"), f"the traces of {workdir.root}"):
         return _collect(cfg, workdir, device)
@@ -186,7 +186,7 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path
                 "(corpus.max_documents) or larger corpus.val_fraction / corpus.test_fraction."
             )
     fingerprint = corpus_fingerprint(cfg.corpus, documents)
-    router_tag = f"router-{cfg.router.gate}-{cfg.router.selection}" if cfg.model.kind == ModelKind.embedded else "hf"
+    router_tag = f"router-{cfg.router.label}" if cfg.model.kind == ModelKind.embedded else "hf"
     tracker = start_run(
         cfg, job_type="collect", name=f"collect-{cfg.model.display_name}", tags=[cfg.model.display_name, router_tag]
     )

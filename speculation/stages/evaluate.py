@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from speculation.cache import tables as sim_tables
 from speculation.cache.report import Simulation, simulate, write_simulation
 from speculation.cache.report import figures as simulation_figures
 from speculation.cache.report import markdown_sections as simulation_sections
@@ -22,6 +23,7 @@ from speculation.cache.simulation import check_predictor_costs
 from speculation.config import to_object
 from speculation.config.rules import check_evaluation
 from speculation.config.stages import EvaluateConfig
+from speculation.environment import environment
 from speculation.evaluation import report, tables
 from speculation.evaluation.runner import EvaluationResult, check_split, evaluate_predictors
 from speculation.io import atomic_write_text
@@ -30,8 +32,9 @@ from speculation.plots import save_figure
 from speculation.predictors.base import Predictor
 from speculation.predictors.loading import build_heuristics, load_trained_predictors
 from speculation.predictors.trained import TrainedPredictor
+from speculation.stages.job import apply_threads
 from speculation.traces import TraceStore
-from speculation.tracking import Tracker, start_run
+from speculation.tracking import Tracker, run_tags, start_run, traces_context
 from speculation.workdir import FIGURES_DIR, REPORT_FILE, Workdir
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,8 @@ def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skip
         "miss_window": cfg.eval.miss_window,
         "traces": str(store.root),
         "domains": domains(store, methods),
+        "corpus": store.manifest.raw.get("corpus"),  # kind, fingerprint and document count of the traced corpus
+        "environment": environment(),
     }
     return Scores(result, frame, context)
 
@@ -150,16 +155,44 @@ def log_results(tracker: Tracker, scores: Scores, simulation: Simulation | None,
     tracker.log_table("eval/metrics", aggregate)
     if simulation is not None:
         tracker.log_table("eval/simulation", simulation.frame)
-    tracker.summary(
-        {f"{row.method}/d{row.lookahead}/top1_acc": row.top1_acc for row in aggregate.itertuples(index=False)}
-    )
+    tracker.summary(headline_summary(aggregate, simulation))
     tracker.log_images("eval", paths)
+
+
+SUMMARY_METRICS = ("top1_acc", "recall_at_budget", "ece", "kl", "miss_top1_acc")  # per method and lookahead
+
+
+def headline_summary(aggregate: pd.DataFrame, simulation: Simulation | None) -> dict[str, float | str]:
+    """The evaluate run's W&B summary: :data:`SUMMARY_METRICS` as ``<method>/d<d>/<metric>``, and the simulation's
+    headline (cache fraction and lookahead): the best realizable policy's ms/token, speedup over on-demand and
+    share of the oracle's gain, next to on-demand's and the oracle's ms/token (LRU), under ``sim/``."""
+    summary: dict[str, float | str] = {
+        f"{row['method']}/d{row['lookahead']}/{metric}": float(row[metric])
+        for _, row in aggregate.iterrows()
+        for metric in SUMMARY_METRICS
+    }
+    if simulation is not None:
+        table, fraction, lookahead = simulation.table, simulation.fraction, simulation.lookahead
+        best = sim_tables.best_policy(table, fraction, lookahead)
+        at = table[table["cache_fraction"] == fraction]
+        summary |= {
+            "sim/cache_fraction": fraction,
+            "sim/lookahead": lookahead,
+            "sim/best/policy": sim_tables.policy_label(best),
+            "sim/best/ms_per_token": float(best["ms_per_token"]),
+            "sim/best/speedup_vs_on_demand": float(best["speedup_vs_on_demand"]),
+            "sim/best/oracle_gain_fraction": float(best["oracle_gain_fraction"]),
+            "sim/on_demand_lru/ms_per_token": sim_tables.ms_of(at, "on_demand", "lru", 0),
+            "sim/oracle_lru/ms_per_token": sim_tables.ms_of(at, "oracle", "lru", lookahead),
+        }
+    return summary
 
 
 def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
     """Run the evaluate stage; returns the aggregate rows (layer ``all``), the simulation frame and the paths."""
     cfg = to_object(cfg, EvaluateConfig)
     workdir = Workdir(cfg.workdir)
+    apply_threads(cfg.threads)
     with (
         locked(workdir.lock("traces"), f"the traces of {workdir.root}", shared=True),
         locked(workdir.lock(f"eval-{cfg.eval.stack}"), f"the evaluation {workdir.eval(cfg.eval.stack)}"),
@@ -172,11 +205,13 @@ def _evaluate(cfg: EvaluateConfig) -> dict:
     methods, skipped = methods_for(cfg, store)
     if cfg.sim.enabled:
         check_predictor_costs(cfg.sim, [m.kind for m in methods if isinstance(m, TrainedPredictor)])
+    context = traces_context(store)
     tracker = start_run(
         cfg,
         job_type="evaluate",
         name=f"evaluate-{store.manifest.model_name}-{cfg.eval.split}",
-        tags=[store.manifest.model_name, *[m.name for m in methods if isinstance(m, TrainedPredictor)]],
+        tags=[*run_tags(context), *[m.name for m in methods if isinstance(m, TrainedPredictor)]],
+        traces=context,
     )
     try:
         scores = score(cfg, store, methods, skipped)

@@ -14,11 +14,9 @@ import dataclasses
 import logging
 import time
 
-import hydra
 from omegaconf import DictConfig
 
-from speculation.cli import one_line_errors, run_console
-from speculation.config import CONF_DIR, to_object
+from speculation.config import to_object
 from speculation.config.model import ModelKind
 from speculation.config.rules import Geometry, check_evaluation
 from speculation.config.stages import PipelineConfig
@@ -67,18 +65,3 @@ def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:
         log.info("stage %s done in %.1f s", name, timings[name])
     log.info("pipeline done: %s; report: %s", timings, Workdir(cfg.workdir).eval() / REPORT_FILE)
     return timings
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
-    pipeline(cfg)
-
-
-def cli() -> None:
-    """The console script: user errors as one line on stderr (speculation/cli.py)."""
-    run_console(main)
-
-
-if __name__ == "__main__":
-    cli()

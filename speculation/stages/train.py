@@ -11,8 +11,9 @@ from speculation.config.stages import TrainConfig
 from speculation.locks import locked
 from speculation.predictors.training import train_predictor
 from speculation.stages.device import resolve_device
+from speculation.stages.job import apply_threads
 from speculation.traces import TraceStore
-from speculation.tracking import start_run
+from speculation.tracking import run_tags, start_run, traces_context
 from speculation.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     """Run the train stage; returns the predictor's metrics (its run directory's ``metrics.json``)."""
     cfg = to_object(cfg, TrainConfig)
     workdir = Workdir(cfg.workdir)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out_dir = workdir.run(cfg.name)
     with (
@@ -29,8 +31,9 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
         locked(workdir.lock(f"run-{cfg.name}"), f"the run {out_dir}"),
     ):
         store = TraceStore.open(workdir.traces())
-        tags = [store.manifest.model_name, str(cfg.predictor.kind)]
-        tracker = start_run(cfg, job_type="train", name=f"train-{cfg.name}", tags=tags)
+        context = traces_context(store)
+        tags = [*run_tags(context), str(cfg.predictor.kind)]
+        tracker = start_run(cfg, job_type="train", name=f"train-{cfg.name}", tags=tags, traces=context)
         try:
             metrics = train_predictor(cfg, store, out_dir, device, tracker)
             tracker.summary({f"best/{k}": v for k, v in (metrics.get("best") or {}).items()})
