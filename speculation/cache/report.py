@@ -58,7 +58,14 @@ def simulate(
     trace = rank_predictions(store, split, predictors, sim.max_tokens, max(sim.lookaheads), sim.ranked_experts)
     labels = {"hardware": hardware.name, "target": target.name}
     frame, stats = simulate_sweep(trace, sim, timing, hardware.launch_us * 1e-6, labels)
-    stats = {**stats, "timing": asdict(timing), "target": asdict(target), "hardware": asdict(hardware)}
+    stats = {
+        **stats,
+        "timing": asdict(timing),
+        "target": asdict(target),
+        "hardware": asdict(hardware),
+        "headline_fraction": sim.headline_cache_fraction,  # what spec-compare reads as this run's headline
+        "headline_lookahead": sim.headline_lookahead,
+    }
     return Simulation(
         frame, tables.seed_groups(frame), stats, timing, target, hardware, sim.headline_cache_fraction,
         sim.headline_lookahead,

@@ -1,0 +1,61 @@
+"""``spec-compare``: evaluated workdirs and a real Hydra multirun side by side (``speculation.stages.compare``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import TINY_SIM
+
+from speculation.errors import UserError
+from speculation.stages.compare import cli, compare, write_comparison
+
+IDENTITY = ["workdir", "model", "router", "corpus", "corpus_fingerprint", "corpus_documents", "traces_fingerprint"]
+PER_ROW = ["method", "seeds", "role", "lookahead", "top1_acc", "recall_at_budget", "miss_top1_acc", "ece", "kl"]
+SIM = ["sim_best_policy", "sim_best_ms_per_token", "sim_best_speedup_vs_on_demand", "sim_best_oracle_gain_fraction",
+       "sim_on_demand_lru_ms_per_token", "sim_oracle_lru_ms_per_token"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def budget_sweep(evaluated, tmp_path_factory) -> Path:
+    """``spec-evaluate -m eval.prefetch_budget=1,2`` into two copies of the evaluated workdir: a multirun dir."""
+    base = tmp_path_factory.mktemp("sweep")
+    for budget in (1, 2):
+        shutil.copytree(evaluated[0], base / f"b{budget}")
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "evaluate.main", "-m", f"workdir={base}/b${{eval.prefetch_budget}}",
+               "eval.prefetch_budget=1,2", "logger=none", *TINY_SIM, f"hydra.sweep.dir={base}/multirun"]  # fmt: skip
+    subprocess.run(command, check=True, env=env, cwd=Path(__file__).parents[1], capture_output=True)
+    return base / "multirun"
+
+
+def test_a_multirun_compares_its_jobs_with_the_swept_key_as_a_column(budget_sweep, tmp_path):
+    frame = compare([budget_sweep])
+    assert frame.attrs["differing_keys"] == ["eval.prefetch_budget"]
+    assert set(IDENTITY + PER_ROW + SIM + ["eval.prefetch_budget"]) <= set(frame.columns)
+    assert sorted(frame["eval.prefetch_budget"].unique()) == [1, 2] and frame["workdir"].nunique() == 2
+    assert frame["router"].unique().tolist() == ["linear-top1"] and (frame["role"] == "trained").any()
+    recall = frame[frame["method"] == "frequency"].groupby("eval.prefetch_budget")["recall_at_budget"].mean()
+    assert recall[2] > recall[1]  # the swept key really changed what was measured
+    paths = write_comparison(frame, tmp_path / "cmp")
+    assert {p.suffix for p in paths.values()} == {".csv", ".md", ".png", ".pdf"}
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    assert len(pd.read_csv(paths["csv"])) == len(frame)
+    markdown = paths["markdown"].read_text()
+    assert "`eval.prefetch_budget`" in markdown and "best trained top-1 d=1" in markdown
+
+
+def test_workdirs_compare_directly_and_bad_paths_are_one_clear_error(evaluated, tmp_path, capsys):
+    frame = compare([evaluated[0], evaluated[0]])
+    assert frame.attrs["differing_keys"] == [] and frame["sim_best_ms_per_token"].notna().all()
+    with pytest.raises(UserError, match="neither a workdir"):
+        compare([tmp_path])
+    with pytest.raises(SystemExit):
+        cli([str(tmp_path), "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path} is neither a workdir")
+    assert not (tmp_path / "out").exists()  # nothing written for a refused request
