@@ -23,12 +23,13 @@ SIM = ["sim_best_policy", "sim_best_ms_per_token", "sim_best_speedup_vs_on_deman
 
 @pytest.fixture(scope="module")
 def budget_sweep(evaluated, tmp_path_factory) -> Path:
-    """``spec-evaluate -m eval.prefetch_budget=1,2`` into two copies of the evaluated workdir: a multirun dir."""
+    """``spec-evaluate -m eval.prefetch_budget=1,2`` into two copies of the evaluated workdir, named by a Hydra
+    interpolation (``job${hydra:job.num}``) that spec-compare must resolve: a multirun dir."""
     base = tmp_path_factory.mktemp("sweep")
-    for budget in (1, 2):
-        shutil.copytree(evaluated[0], base / f"b{budget}")
+    for job in (0, 1):
+        shutil.copytree(evaluated[0], base / f"job{job}")
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "evaluate.main", "-m", f"workdir={base}/b${{eval.prefetch_budget}}",
+    command = [sys.executable, "-m", "evaluate.main", "-m", f"workdir={base}/job${{hydra:job.num}}",
                "eval.prefetch_budget=1,2", "logger=none", *TINY_SIM, f"hydra.sweep.dir={base}/multirun"]  # fmt: skip
     subprocess.run(command, check=True, env=env, cwd=Path(__file__).parents[1], capture_output=True)
     return base / "multirun"

@@ -72,6 +72,24 @@ def policy_label(row: pd.Series) -> str:
     return "/".join(str(part) for part in parts)
 
 
+def headline_numbers(table: pd.DataFrame, fraction: float, lookahead: int) -> dict[str, float | str]:
+    """The simulation's headline as flat numbers (W&B summaries, ``spec-compare``): the best realizable policy's
+    label, ms/token, speedup over on-demand LRU and share of the oracle's gain, with on-demand's and the oracle's
+    ms/token (LRU) at the same cache fraction and lookahead."""
+    best = best_policy(table, fraction, lookahead)
+    at = table[table["cache_fraction"] == fraction]
+    return {
+        "cache_fraction": fraction,
+        "lookahead": lookahead,
+        "best_policy": policy_label(best),
+        "best_ms_per_token": float(best["ms_per_token"]),
+        "best_speedup_vs_on_demand": float(best["speedup_vs_on_demand"]),
+        "best_oracle_gain_fraction": float(best["oracle_gain_fraction"]),
+        "on_demand_lru_ms_per_token": ms_of(at, "on_demand", "lru", 0),
+        "oracle_lru_ms_per_token": ms_of(at, "oracle", "lru", lookahead),
+    }
+
+
 def ms_of(rows: pd.DataFrame, policy: str, eviction: str, lookahead: int) -> float:
     """ms/token of one (policy, eviction, lookahead) among ``rows`` (NaN if it was not simulated)."""
     row = rows[(rows["policy"] == policy) & (rows["eviction"] == eviction) & (rows["lookahead"] == lookahead)]

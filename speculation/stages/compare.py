@@ -65,8 +65,9 @@ def hydra_config(path: Path) -> dict[str, Any]:
         return OmegaConf.create(yaml.safe_load(file.read_text().replace("${hydra:", "${hydra.")) or {})
 
     config = load(path)
-    if (path.parent / "hydra.yaml").is_file():
-        config = OmegaConf.merge(config, load(path.parent / "hydra.yaml"))
+    if (path.parent / "hydra.yaml").is_file():  # only the job's facts: its run/sweep dirs need live resolvers
+        job = load(path.parent / "hydra.yaml").hydra
+        config.hydra = {key: job[key] for key in ("runtime", "job", "overrides") if key in job}
     try:
         resolved = OmegaConf.to_container(config, resolve=True)
     except OmegaConfBaseException as error:  # a resolver this process lacks: compare the values as written
@@ -129,18 +130,7 @@ def simulation_headline(eval_dir: Path) -> dict[str, Any]:
     fractions, lookaheads = sorted(set(table["cache_fraction"])), sorted(set(table["lookahead"]) - {0})
     fraction = stats.get("headline_fraction", fractions[len(fractions) // 2])  # older simulation.json: the middle
     lookahead = stats.get("headline_lookahead", lookaheads[-1])
-    best = sim_tables.best_policy(table, fraction, lookahead)
-    at = table[table["cache_fraction"] == fraction]
-    return {
-        "sim_cache_fraction": fraction,
-        "sim_lookahead": lookahead,
-        "sim_best_policy": sim_tables.policy_label(best),
-        "sim_best_ms_per_token": float(best["ms_per_token"]),
-        "sim_best_speedup_vs_on_demand": float(best["speedup_vs_on_demand"]),
-        "sim_best_oracle_gain_fraction": float(best["oracle_gain_fraction"]),
-        "sim_on_demand_lru_ms_per_token": sim_tables.ms_of(at, "on_demand", "lru", 0),
-        "sim_oracle_lru_ms_per_token": sim_tables.ms_of(at, "oracle", "lru", lookahead),
-    }
+    return {f"sim_{key}": value for key, value in sim_tables.headline_numbers(table, fraction, lookahead).items()}
 
 
 def differing_keys(configs: list[dict[str, Any]]) -> list[str]:

@@ -164,27 +164,15 @@ SUMMARY_METRICS = ("top1_acc", "recall_at_budget", "ece", "kl", "miss_top1_acc")
 
 def headline_summary(aggregate: pd.DataFrame, simulation: Simulation | None) -> dict[str, float | str]:
     """The evaluate run's W&B summary: :data:`SUMMARY_METRICS` as ``<method>/d<d>/<metric>``, and the simulation's
-    headline (cache fraction and lookahead): the best realizable policy's ms/token, speedup over on-demand and
-    share of the oracle's gain, next to on-demand's and the oracle's ms/token (LRU), under ``sim/``."""
+    headline (:func:`speculation.cache.tables.headline_numbers`) under ``sim/``."""
     summary: dict[str, float | str] = {
         f"{row['method']}/d{row['lookahead']}/{metric}": float(row[metric])
         for _, row in aggregate.iterrows()
         for metric in SUMMARY_METRICS
     }
     if simulation is not None:
-        table, fraction, lookahead = simulation.table, simulation.fraction, simulation.lookahead
-        best = sim_tables.best_policy(table, fraction, lookahead)
-        at = table[table["cache_fraction"] == fraction]
-        summary |= {
-            "sim/cache_fraction": fraction,
-            "sim/lookahead": lookahead,
-            "sim/best/policy": sim_tables.policy_label(best),
-            "sim/best/ms_per_token": float(best["ms_per_token"]),
-            "sim/best/speedup_vs_on_demand": float(best["speedup_vs_on_demand"]),
-            "sim/best/oracle_gain_fraction": float(best["oracle_gain_fraction"]),
-            "sim/on_demand_lru/ms_per_token": sim_tables.ms_of(at, "on_demand", "lru", 0),
-            "sim/oracle_lru/ms_per_token": sim_tables.ms_of(at, "oracle", "lru", lookahead),
-        }
+        headline = sim_tables.headline_numbers(simulation.table, simulation.fraction, simulation.lookahead)
+        summary |= {f"sim/{key}": value for key, value in headline.items()}
     return summary
 
 
