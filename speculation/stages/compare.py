@@ -195,6 +195,7 @@ def comparison_figure(frame: pd.DataFrame) -> Figure:
         line = accuracy.plot(trained.index, trained.values, marker="o", label=f"{labels[workdir]} best trained")[0]
         accuracy.plot(gate.index, gate.values, ls="--", marker="s", color=line.get_color(), alpha=0.7,
                       label=f"{labels[workdir]} gate_lookahead")  # fmt: skip
+    accuracy.set_xticks(sorted(int(d) for d in frame["lookahead"].unique()))  # lookaheads are whole layers
     accuracy.set(xlabel="lookahead d", ylabel="top-1 accuracy", title="prediction quality (test split)")
     accuracy.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18), ncol=2, frameon=False)
     if "sim_best_ms_per_token" in frame:
