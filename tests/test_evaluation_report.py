@@ -42,3 +42,11 @@ def test_the_lookahead_table_keeps_one_lookahead_and_renders_its_interval():
     assert header[:5] == ["method", "top-1 [95 % CI]", "recall@2", "top-1 on misses", "recall@2 on misses"]
     assert len(header) == 12
     assert random_row[:3] == ["random", "0.125 [0.115, 0.135]", "0.000"]
+
+
+def test_a_split_of_few_documents_is_warned_about_and_a_large_one_is_not():
+    from speculation.evaluation.report import MIN_DOCUMENTS_FOR_INTERVALS, few_documents_warning
+
+    assert few_documents_warning(MIN_DOCUMENTS_FOR_INTERVALS) == []
+    (warning, blank) = few_documents_warning(7)
+    assert warning.startswith("**Warning: only 7 held-out documents.**") and blank == ""

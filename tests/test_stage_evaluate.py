@@ -39,6 +39,8 @@ def test_spec_evaluate_writes_every_file(evaluated):
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and "oracle/d1" in summary["reliability"]
     report = (eval_dir / REPORT_FILE).read_text()
     assert "## Lookahead d = 1" in report and "| gate_lookahead " in report
+    documents = summary["documents"]  # the tiny fixture holds a handful of test documents: the report says so
+    assert documents < 20 and f"**Warning: only {documents} held-out documents.**" in report
     assert "## Prefetch simulation: switch-base-8 experts on rtx3090" in report
     for name in ("accuracy_vs_lookahead", "reliability_d1", "layer_accuracy_d1", "latency_breakdown", "cache_sweep"):
         path = eval_dir / "figures" / f"{name}.png"

@@ -114,6 +114,20 @@ def domain_section(frame: pd.DataFrame, domains: dict[str, str]) -> list[str]:
             "(out; `model.source_workdir`).", "", to_markdown(table, formats), ""]  # fmt: skip
 
 
+# Below this many held-out documents a document bootstrap resamples too few units for its interval to say much.
+MIN_DOCUMENTS_FOR_INTERVALS = 20
+
+
+def few_documents_warning(documents: int) -> list[str]:
+    """A warning paragraph when the split has fewer than :data:`MIN_DOCUMENTS_FOR_INTERVALS` documents."""
+    if documents >= MIN_DOCUMENTS_FOR_INTERVALS:
+        return []
+    return [f"**Warning: only {documents} held-out documents.** The top-1 intervals resample whole documents, so with "
+            f"fewer than {MIN_DOCUMENTS_FOR_INTERVALS} they understate the spread (a few long documents dominate). "
+            "Trace more documents (`trace.max_tokens_per_split`, `corpus.test_fraction`, or a corpus of more, "
+            "shorter files) before reading them as uncertainty.", ""]  # fmt: skip
+
+
 def provenance(context: dict[str, Any]) -> list[str]:
     """Which corpus and which code, libraries and machine made these numbers (metrics.json holds the fields)."""
     lines = []
@@ -141,6 +155,7 @@ def markdown_sections(frame: pd.DataFrame, result: EvaluationResult, context: di
         'the only tokens where a prefetch can save time. The "on misses" columns score those tokens alone.',
         "",
         *provenance(context),
+        *few_documents_warning(context["documents"]),
     ]
     for d in sorted(aggregate(frame)["lookahead"].unique()):
         table = lookahead_table(frame, d)
