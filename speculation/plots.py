@@ -141,8 +141,9 @@ def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int) -> F
     fig = Figure(figsize=(8, 0.38 * len(rows) + 1.6))
     ax = fig.subplots()
     y = np.arange(len(rows))
-    ax.barh(y, rows["compute_ms"], color="tab:blue", label="compute")
-    ax.barh(y, rows["stall_ms"], left=rows["compute_ms"], color="tab:red", label="stall on expert copies")
+    ax.barh(y, rows["compute_ms_per_token"], color="tab:blue", label="compute")
+    stall = rows["stall_ms_per_token"]
+    ax.barh(y, stall, left=rows["compute_ms_per_token"], color="tab:red", label="stall on expert copies")
     ax.set_yticks(y, labels=labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ms per token")

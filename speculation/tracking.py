@@ -21,9 +21,9 @@ from typing import Any
 import pandas as pd
 
 from speculation.config.logger import LoggerBackend, LoggerConfig
-from speculation.config.model import RouterConfig
 from speculation.environment import environment
-from speculation.workdir import CONFIG_FILE, Workdir
+from speculation.traces.analysis import trace_identity
+from speculation.workdir import Workdir
 
 
 class Tracker:
@@ -60,7 +60,9 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(dataframe=frame)})
+            # W&B serializes cells as JSON: nullable columns' pd.NA (metrics.csv's pooled rows have no layer) -> None
+            plain = frame.astype(object).where(frame.notna(), None)
+            self.run.log({key: wandb.Table(dataframe=plain)})
 
     def finish(self) -> None:
         if self.run is not None:
@@ -68,25 +70,16 @@ class Tracker:
             self.run = None
 
 
-def router_label(store: Any) -> str | None:
-    """The traced router's :attr:`RouterConfig.label` (the embedded model's, from its saved config), else None."""
-    model = store.manifest.raw.get("model") or {}
-    config_path = store.root / str(model.get("source_dir", "")) / CONFIG_FILE
-    if model.get("kind") != "embedded" or not config_path.is_file():
-        return None
-    return RouterConfig.from_json(json.loads(config_path.read_text())["router"]).label
-
-
 def traces_context(store: Any) -> dict[str, Any]:
     """What a train or evaluate run's traces are, for its W&B config: model, router, corpus and fingerprint."""
-    return {"model": store.manifest.model_name, "router": router_label(store),
-            "corpus": store.manifest.raw.get("corpus"), "fingerprint": store.manifest.fingerprint()}  # fmt: skip
+    labels = trace_identity(store)
+    return {"model": labels["model"], "router": labels["router"], "corpus": store.manifest.raw.get("corpus"),
+            "fingerprint": store.manifest.fingerprint()}  # fmt: skip
 
 
 def run_tags(context: dict[str, Any]) -> list[str]:
     """Tags that tell runs apart in W&B: the model and ``router-<label>`` (``hf`` when the router is the model's)."""
-    router = context.get("router")
-    return [context["model"], f"router-{router}" if router else "router-hf"]
+    return [context["model"], f"router-{context['router']}"]
 
 
 def run_id(workdir: Path, job_type: str, name: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from speculation.cache import tables
 from speculation.cache.report import render_equal_bytes
+from speculation.evaluation.report import IDENTITY
 from speculation.workdir import REPORT_FILE, SIMULATION_CSV, Workdir
 
 REALIZABLE_EVICTIONS = ["lru", "lfu", "predicted", "expected"]
@@ -19,9 +20,19 @@ def test_simulation_csv_has_every_policy_and_column(evaluated):
     workdir, out = evaluated
     frame = out["simulation"]
     written = pd.read_csv(Workdir(workdir).eval() / SIMULATION_CSV, keep_default_na=False)
-    required = {"policy", "eviction", "hardware", "target", "cache_fraction", "lookahead", "ms_per_token", "stall_ms",
-                "hit_rate", "bytes_moved", "wasted_bytes", "speedup_vs_on_demand", "oracle_gain_fraction"}  # fmt: skip
+    required = {"policy", "eviction", "hardware", "target", "cache_fraction", "lookahead", "ms_per_token",
+                "stall_ms_per_token", "hit_rate", "bytes_moved_per_token", "wasted_bytes_per_token",
+                "speedup_vs_on_demand", "oracle_gain_fraction"}  # fmt: skip
     assert required <= set(written.columns) and len(written) == len(frame)
+    metrics = pd.read_csv(Workdir(workdir).eval() / "metrics.csv")
+    assert list(written.columns[: len(IDENTITY)]) == IDENTITY  # first, as in metrics.csv
+    identity = ["model", "router", "corpus", "corpus_fingerprint", "traces_fingerprint", "split", "workdir"]
+    assert written[identity].drop_duplicates().astype(str).values.tolist() == (
+        metrics[identity].drop_duplicates().astype(str).values.tolist()
+    )  # simulation.csv joins metrics.csv on the same identity
+    kinds = written.drop_duplicates("predictor").set_index("predictor")["predictor_kind"].to_dict()
+    assert kinds["transformer-seed0"] == "transformer" and kinds["gate_lookahead"] == "gate_lookahead"
+    assert kinds[""] == ""  # on-demand and the oracle use no predictor
     assert set(written["policy"]) == {"on_demand", "gate_lookahead", "predictor_topb", "predictor_confidence",
                                       "cost_aware", "cost_aware_multi", "oracle"}  # fmt: skip
     assert set(written[written["policy"] == "predictor_topb"]["predictor"]) == {
@@ -36,9 +47,9 @@ def test_simulation_csv_has_every_policy_and_column(evaluated):
 
 def test_bounds_hold_and_the_oracle_is_never_slower_than_a_realizable_policy(evaluated):
     frame = evaluated[1]["simulation"]
-    assert (frame["ms_per_token"] >= frame["compute_ms"] - 1e-12).all()  # no stall is the floor
-    assert (frame["ms_per_token"] >= frame["compute_ms"].min() - 1e-12).all()
-    assert (frame["ms_per_token"] >= frame["bound_ms"] - 1e-12).all()  # the overlap bound holds for every policy
+    assert (frame["ms_per_token"] >= frame["compute_ms_per_token"] - 1e-12).all()  # no stall is the floor
+    assert (frame["ms_per_token"] >= frame["compute_ms_per_token"].min() - 1e-12).all()
+    assert (frame["ms_per_token"] >= frame["bound_ms_per_token"] - 1e-12).all()  # the overlap bound holds for all
     for fraction, rows in frame.groupby("cache_fraction"):
         on_demand = rows[rows["policy"] == "on_demand"].set_index("eviction")["ms_per_token"]
         assert on_demand["belady"] <= on_demand.min() + 1e-12, fraction
@@ -52,7 +63,7 @@ def test_bounds_hold_and_the_oracle_is_never_slower_than_a_realizable_policy(eva
         oracle_best = rows[(rows["policy"] == "oracle") & (rows["eviction"] == "belady")]["ms_per_token"].min()
         assert oracle_best <= realizable["ms_per_token"].min() + 1e-12, fraction
     prefetching = frame[frame["policy"] != "on_demand"]
-    assert (prefetching["bytes_moved"] >= prefetching["wasted_bytes"]).all()
+    assert (prefetching["bytes_moved_per_token"] >= prefetching["wasted_bytes_per_token"]).all()
     oracle = frame[frame["policy"] == "oracle"]
     assert np.allclose(oracle["oracle_gain_fraction"].dropna(), 1.0)
 
@@ -60,11 +71,12 @@ def test_bounds_hold_and_the_oracle_is_never_slower_than_a_realizable_policy(eva
 def test_equal_bytes_comparison_interpolates_the_fixed_budgets():
     rows = [("on_demand", "", 0, 0, 10e6, 2.0), ("predictor_topb", "ctx", 1, 2, 20e6, 1.0),
             ("predictor_topb", "ctx", 2, 2, 40e6, 1.6), ("predictor_confidence", "ctx", 2, 2, 15e6, 1.2)]  # fmt: skip
-    table = pd.DataFrame(rows, columns=["policy", "predictor", "budget", "lookahead", "bytes_moved", "ms_per_token"])
+    columns = ["policy", "predictor", "budget", "lookahead", "bytes_moved_per_token", "ms_per_token"]
+    table = pd.DataFrame(rows, columns=columns)
     table = table.assign(cache_fraction=0.5, eviction="lru")
     # halfway between on-demand (10 MB, 2.0 ms) and top-1 (20 MB, 1.0 ms): 1.5 ms at 15 MB; the rule takes 1.2
     (row,) = tables.equal_bytes(table, 0.5, 2).to_dict(orient="records")
-    assert row == pytest.approx({"predictor": "ctx", "confidence_ms": 1.2, "bytes_moved": 15e6,
+    assert row == pytest.approx({"predictor": "ctx", "confidence_ms": 1.2, "bytes_moved_per_token": 15e6,
                                  "fixed_ms_at_equal_bytes": 1.5, "difference_ms": -0.3})  # fmt: skip
     assert "| ctx         | 1.2000                 | 15.00            | 1.5000" in render_equal_bytes(
         tables.equal_bytes(table, 0.5, 2)

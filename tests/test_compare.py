@@ -13,10 +13,10 @@ import pytest
 from conftest import TINY_SIM
 
 from speculation.errors import UserError
-from speculation.stages.compare import cli, compare, write_comparison
+from speculation.stages.compare import cli, compare, spread_table, write_comparison
 
 IDENTITY = ["workdir", "model", "router", "corpus", "corpus_fingerprint", "corpus_documents", "traces_fingerprint"]
-PER_ROW = ["method", "seeds", "role", "lookahead", "top1_acc", "recall_at_budget", "miss_top1_acc", "ece", "kl"]
+PER_ROW = ["method", "seeds", "role", "kind", "lookahead", "top1_acc", "recall_at_budget", "miss_top1_acc", "ece", "kl"]
 SIM = ["sim_best_policy", "sim_best_ms_per_token", "sim_best_speedup_vs_on_demand", "sim_best_oracle_gain_fraction",
        "sim_on_demand_lru_ms_per_token", "sim_oracle_lru_ms_per_token"]  # fmt: skip
 
@@ -49,6 +49,16 @@ def test_a_multirun_compares_its_jobs_with_the_swept_key_as_a_column(budget_swee
     assert len(pd.read_csv(paths["csv"])) == len(frame)
     markdown = paths["markdown"].read_text()
     assert "`eval.prefetch_budget`" in markdown and "best trained top-1 d=1" in markdown
+    assert "## Spread over the workdirs" in markdown
+
+
+def test_the_spread_of_a_headline_over_workdirs_is_its_mean_sd_min_and_max():
+    headline = pd.DataFrame({"workdir": ["a", "b", "c"], "source_train.seed": [0, 1, 2],
+                             "gate_lookahead top-1 d=1": [0.70, 0.74, 0.78],
+                             "best trained d=1": ["x", "y", "x"]})  # fmt: skip
+    spread = spread_table(headline.drop(columns="source_train.seed")).set_index("headline")
+    assert list(spread.index) == ["gate_lookahead top-1 d=1"]  # text columns have no spread
+    assert spread.loc["gate_lookahead top-1 d=1"].tolist() == pytest.approx([0.74, 0.04, 0.70, 0.78])
 
 
 def test_workdirs_compare_directly_and_bad_paths_are_one_clear_error(evaluated, tmp_path, capsys):

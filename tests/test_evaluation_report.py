@@ -1,5 +1,5 @@
-"""The evaluation's tables (``speculation.evaluation.report``): seed means with a t interval, the per-lookahead
-table and its markdown, on hand-made rows."""
+"""The evaluation's tables (``speculation.evaluation.report``): metrics.csv's columns, seed means with a t
+interval, the per-lookahead table and its markdown, the headline's best method, on hand-made rows."""
 
 from __future__ import annotations
 
@@ -7,29 +7,72 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from speculation.evaluation.report import COLUMNS, render_lookahead_table, seed_means
-from speculation.evaluation.tables import lookahead_table
+from speculation.evaluation.report import COLUMNS, IDENTITY, metrics_frame, render_lookahead_table, seed_means
+from speculation.evaluation.runner import EvaluationResult
+from speculation.evaluation.tables import gains, labels, lookahead_table, per_layer, read_metrics, role
+
+IDENTITY_VALUES = {column: f"<{column}>" for column in IDENTITY}
 
 
 def rows(values: list[tuple[str, int, float]]) -> pd.DataFrame:
     out = []
     for method, lookahead, accuracy in values:
         row = dict.fromkeys(COLUMNS, 0.0)
-        row.update(method=method, lookahead=lookahead, layer="all", source_layer="all", target_layer="all",
-                   top1_acc=accuracy, top1_ci_low=accuracy - 0.01, top1_ci_high=accuracy + 0.01)  # fmt: skip
+        row.update(IDENTITY_VALUES, method=method, kind=method.split("-")[0], role=role(method), seeds=1,
+                   run=method if role(method) == "trained" else None, lookahead=lookahead, pooled=True, layer=None,
+                   source_layer=None, target_layer=None, top1_acc=accuracy, top1_ci_low=accuracy - 0.01,
+                   top1_ci_high=accuracy + 0.01)  # fmt: skip
         out.append(row)
-    return pd.DataFrame(out, columns=COLUMNS)
+    return pd.DataFrame(out, columns=COLUMNS).astype({"layer": "Int64"})
+
+
+def test_metrics_csv_has_identity_kind_run_and_a_numeric_layer_with_a_pooled_flag(tmp_path):
+    metric_values = dict.fromkeys(COLUMNS[COLUMNS.index("top1_acc") :], 0.5)
+    result_rows = [
+        {"method": "ctx-seed0", "lookahead": 1, "pooled": True, "layer": None, "source_layer": None,
+         "target_layer": None, **metric_values},
+        {"method": "ctx-seed0", "lookahead": 1, "pooled": False, "layer": 1, "source_layer": "decoder.3",
+         "target_layer": "decoder.5", **metric_values},
+        {"method": "random", "lookahead": 1, "pooled": False, "layer": 0, "source_layer": "decoder.1",
+         "target_layer": "decoder.3", **metric_values},
+    ]  # fmt: skip
+    result = EvaluationResult(rows=result_rows, reliability={}, tokens=1, seconds=1.0)
+    frame = metrics_frame(result, {"random": "random", "ctx-seed0": "contextual"}, IDENTITY_VALUES)
+    assert list(frame.columns) == COLUMNS and (frame[IDENTITY] == pd.Series(IDENTITY_VALUES)).all().all()
+    assert frame["method"].tolist() == ["random", "ctx-seed0", "ctx-seed0"]  # kinds' order, then the pooled row last
+    assert frame["kind"].tolist() == ["random", "contextual", "contextual"]
+    assert frame["run"].isna().tolist() == [True, False, False] and (frame["seeds"] == 1).all()
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    frame.to_csv(eval_dir / "metrics.csv", index=False)
+    (eval_dir / "metrics.json").write_text("{}")
+    back, _ = read_metrics(eval_dir)
+    assert back["pooled"].dtype == bool and back["layer"].dtype == "Int64"
+    assert back["layer"].isna().tolist() == [False, False, True] and per_layer(back)["layer"].tolist() == [0, 1]
 
 
 def test_seeds_of_one_predictor_are_averaged_with_a_t_interval():
     frame = rows([("ctx-seed0", 1, 0.5), ("ctx-seed1", 1, 0.6), ("ctx-seed2", 1, 0.7), ("solo", 1, 0.1)])
     out = seed_means(frame, {"ctx-seed0": "ctx", "ctx-seed1": "ctx", "ctx-seed2": "ctx", "solo": "solo"})
-    mean = out[out["method"] == "ctx (3 seeds)"].iloc[0]
+    mean = out[out["method"] == "ctx"].iloc[0]
     half_width = 4.302652729911275 * 0.1 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd of [0.5, 0.6, 0.7] = 0.1
+    assert mean["seeds"] == 3 and pd.isna(mean["run"]) and mean["kind"] == "ctx" and mean["role"] == "trained"
     assert mean["top1_acc"] == pytest.approx(0.6)
     assert mean["top1_ci_low"] == pytest.approx(0.6 - half_width)
     assert mean["top1_ci_high"] == pytest.approx(0.6 + half_width)
-    assert not out["method"].str.startswith("solo (").any()  # a single run gets no seed row
+    assert (out[IDENTITY] == pd.Series(IDENTITY_VALUES)).all().all()  # seed rows keep the identity columns
+    assert "solo" not in set(out.loc[out["seeds"] > 1, "method"])  # a single run gets no seed row
+    assert labels(out)[-1] == "ctx (3 seeds)"
+
+
+def test_the_best_method_is_a_seed_mean_not_its_luckiest_seed():
+    frame = rows([("pattern", 1, 0.3), ("gate_lookahead", 1, 0.55), ("oracle", 1, 1.0), ("ctx-seed0", 1, 0.5),
+                  ("ctx-seed1", 1, 0.9), ("solo-seed0", 1, 0.6)])  # fmt: skip
+    frame = seed_means(frame, {"ctx-seed0": "ctx", "ctx-seed1": "ctx", "solo-seed0": "solo"})
+    best = gains(frame).loc[1]
+    assert best["best_method"] == "ctx (2 seeds)" and best["top1_acc"] == pytest.approx(0.7)  # not ctx-seed1's 0.9
+    assert best["top1 vs gate_lookahead"] == pytest.approx(0.15)
+    assert best["top1 vs best heuristic"] == pytest.approx(0.4)
 
 
 def test_the_lookahead_table_keeps_one_lookahead_and_renders_its_interval():

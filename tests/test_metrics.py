@@ -48,10 +48,10 @@ def test_kl_router_to_prediction(values):
     np.testing.assert_allclose(values["kl"], [0.0, expected_t1, 0.0, expected_t3], atol=1e-12)
 
 
-def test_brier_and_stability(values):
+def test_brier_and_change_rate(values):
     np.testing.assert_allclose(values["brier"], [0.25, 0.16, np.nan, 0.16])
     # predicted top-1: 1, 0, 0 (ties break to the lowest id), 0 -> changes at token 1 only; token 0 has no predecessor
-    np.testing.assert_array_equal(values["stability"], [np.nan, 1, 0, 0])
+    np.testing.assert_array_equal(values["change_rate"], [np.nan, 1, 0, 0])
 
 
 def test_expected_calibration_error_by_hand():

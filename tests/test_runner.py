@@ -17,7 +17,7 @@ def test_oracle_scores_one_and_random_scores_one_over_e(tmp_path):
     store = write_store(tmp_path, None, num_tokens=30_000)
     result = evaluate_predictors(store, [OraclePredictor(), RandomPredictor(seed=0)], max_lookahead=2, bootstrap=50)
     rows = pd.DataFrame(result.rows)
-    pooled = rows[rows["layer"] == "all"].set_index(["method", "lookahead"])
+    pooled = rows[rows["pooled"]].set_index(["method", "lookahead"])
     for d in (1, 2):
         oracle = pooled.loc[("oracle", d)]
         assert oracle["top1_acc"] == 1.0 and oracle["recall_at_budget"] == 1.0 and oracle["exact_set"] == 1.0
@@ -25,7 +25,7 @@ def test_oracle_scores_one_and_random_scores_one_over_e(tmp_path):
         assert oracle["kl"] < 0.01 and oracle["ece"] == 0.0
         assert pooled.loc[("random", d), "top1_acc"] == pytest.approx(1 / E, abs=0.01)
         assert pooled.loc[("random", d), "recall_at_budget"] == pytest.approx(2 / E, abs=0.015)
-    assert len(rows[rows["layer"] != "all"]) == 2 * (3 + 2)  # (l, d) pairs with l + d < L, per method
+    assert len(rows[~rows["pooled"]]) == 2 * (3 + 2)  # (l, d) pairs with l + d < L, per method
     assert result.tokens == 30_000
 
 

@@ -103,8 +103,8 @@ def test_a_replay_row_is_the_kernels_counters_per_token():
     counters = replay(experts_TLK=experts, num_experts=2, run=run, capacity=4, timing=timing).counters
     # an unbounded cache: tokens 0 and 2 miss twice each, token 1 hits twice (layer 0 expert 0, layer 1 expert 1)
     assert (counters.misses, counters.hits) == (4, 2)
-    assert row["miss_rate"] == pytest.approx(4 / 6) and row["bytes_moved"] == pytest.approx(4 * 1000 / 3)
-    assert row["stall_ms"] == pytest.approx(1e3 * 4 * 4e-4 / 3)  # every demand copy stalls its whole length
+    assert row["miss_rate"] == pytest.approx(4 / 6) and row["bytes_moved_per_token"] == pytest.approx(4 * 1000 / 3)
+    assert row["stall_ms_per_token"] == pytest.approx(1e3 * 4 * 4e-4 / 3)  # every demand copy stalls its whole length
 
 
 def test_issue_layers_and_plans_follow_the_lookahead():

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from conftest import compose_config
 
+from speculation.evaluation.tables import read_metrics
 from speculation.stages.evaluate import evaluate
-from speculation.workdir import METRICS_CSV, METRICS_JSON, PREDICTOR_FILE, REPORT_FILE, SIMULATION_CSV, Workdir
+from speculation.workdir import METRICS_JSON, PREDICTOR_FILE, REPORT_FILE, SIMULATION_CSV, Workdir
 
 BASELINES = ["random", "frequency", "previous_token", "layer_minus_1", "multi_layer", "pattern", "adaptive",
              "gate_lookahead", "oracle"]  # fmt: skip
@@ -21,11 +22,17 @@ TRAINED = ["contextual-seed0", "hierarchical-seed0", "probe-seed0", "transformer
 def test_spec_evaluate_writes_every_file(evaluated):
     workdir, out = evaluated
     eval_dir = Workdir(workdir).eval()
-    frame = pd.read_csv(eval_dir / METRICS_CSV)
+    frame, _ = read_metrics(eval_dir)
     assert list(dict.fromkeys(frame["method"])) == BASELINES + TRAINED
+    identity = frame[["model", "router", "corpus", "split", "workdir"]].drop_duplicates()
+    assert identity.values.tolist() == [["switch-lm-smoke", "linear-top1", "stdlib", "test", str(workdir.resolve())]]
+    assert frame.loc[frame["method"].isin(TRAINED), "kind"].unique().tolist() == ["contextual", "hierarchical", "probe",
+                                                                                 "transformer"]  # fmt: skip
+    assert frame.loc[frame["method"].isin(BASELINES), "run"].isna().all() and (frame["seeds"] == 1).all()
     required = {"method", "lookahead", "layer", "top1_acc", "top1_ci_low", "top1_ci_high", "recall_at_budget"}
-    assert required | {"exact_set", "f1", "kl", "ece", "brier", "conf_corr", "stability", "n_tokens"} <= set(frame)
-    pooled = frame[frame["layer"] == "all"]
+    assert required | {"exact_set", "f1", "kl", "ece", "brier", "conf_corr", "change_rate", "n_tokens"} <= set(frame)
+    pooled = frame[frame["pooled"]]
+    assert pooled["layer"].isna().all() and frame.loc[~frame["pooled"], "layer"].notna().all()
     assert sorted(pooled["lookahead"].unique()) == [1, 2, 3]
     assert (pooled["top1_ci_low"] <= pooled["top1_acc"]).all() and (pooled["top1_acc"] <= pooled["top1_ci_high"]).all()
     assert (pooled[pooled["method"] == "oracle"]["top1_acc"] == 1.0).all()
@@ -39,6 +46,8 @@ def test_spec_evaluate_writes_every_file(evaluated):
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and "oracle/d1" in summary["reliability"]
     report = (eval_dir / REPORT_FILE).read_text()
     assert "## Lookahead d = 1" in report and "| gate_lookahead " in report
+    assert report.index("## Read this first") < report.index("## Setting") < report.index("## Lookahead d = 1")
+    assert "of the oracle's gain**" in report and "## Columns" in report and "KL (nats)" in report
     documents = summary["documents"]  # the tiny fixture holds a handful of test documents: the report says so
     assert documents < 20 and f"**Warning: only {documents} held-out documents.**" in report
     assert "## Prefetch simulation: switch-base-8 experts on rtx3090" in report

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -50,14 +51,21 @@ def simulate(
     sim: SimConfig,
     hardware: HardwareConfig,
     target: TargetConfig,
+    identity: dict[str, Any] | None = None,
 ) -> Simulation:
-    """Replay ``split``'s first tokens under every policy ``sim`` asks for; writes nothing."""
+    """Replay ``split``'s first tokens under every policy ``sim`` asks for; writes nothing.
+
+    ``identity``: columns put first in every row (metrics.csv's identity: the traces, split and workdir), so
+    simulation.csv joins metrics.csv and files of several workdirs concatenate."""
     target = resolve_target(target, store.manifest)
     timing = TimingModel.from_profiles(hardware, target)
     predictors = [m for m in methods if m.name == "gate_lookahead" or isinstance(m, TrainedPredictor)]
     trace = rank_predictions(store, split, predictors, sim.max_tokens, max(sim.lookaheads), sim.ranked_experts)
     labels = {"hardware": hardware.name, "target": target.name}
     frame, stats = simulate_sweep(trace, sim, timing, hardware.launch_us * 1e-6, labels)
+    kinds = {m.name: m.kind if isinstance(m, TrainedPredictor) else m.name for m in predictors}
+    frame.insert(frame.columns.get_loc("predictor") + 1, "predictor_kind", frame["predictor"].map(kinds))
+    frame = pd.concat([pd.DataFrame(identity or {}, index=frame.index), frame], axis=1)
     stats = {
         **stats,
         "timing": asdict(timing),
@@ -102,10 +110,10 @@ def render_headline(rows: pd.DataFrame) -> str:
         {
             **_run_columns(rows),
             "ms/token": list(rows["ms_per_token"]),
-            "stall ms": list(rows["stall_ms"]),
+            "stall ms": list(rows["stall_ms_per_token"]),
             "hit rate": list(rows["hit_rate"]),
-            "MB moved/token": list(rows["bytes_moved"] / 1e6),
-            "MB wasted/token": list(rows["wasted_bytes"] / 1e6),
+            "MB moved/token": list(rows["bytes_moved_per_token"] / 1e6),
+            "MB wasted/token": list(rows["wasted_bytes_per_token"] / 1e6),
             "speedup": list(rows["speedup_vs_on_demand"]),
             "oracle gain": list(rows["oracle_gain_fraction"]),
         }
@@ -142,7 +150,7 @@ def render_equal_bytes(frame: pd.DataFrame) -> str:
         {
             "predictor": frame["predictor"],
             "confidence: ms/token": frame["confidence_ms"],
-            "MB moved/token": frame["bytes_moved"] / 1e6,
+            "MB moved/token": frame["bytes_moved_per_token"] / 1e6,
             "fixed top-B at equal MB: ms/token": frame["fixed_ms_at_equal_bytes"],
             "difference": frame["difference_ms"],
         }
@@ -157,6 +165,19 @@ def latency_note(stats: dict) -> str:
     shown = ", ".join(f"{name} {us:.1f} µs" for name, us in latency.items()) or "none replayed"
     source = stats.get("predictor_profile")
     return shown + (f" (learned: measured, {source})" if source else " (learned: sim.predictor_us)")
+
+
+def headline_sentence(simulation: Simulation) -> list[str]:
+    """The simulation's line in the report's opening: the best realizable policy at the headline cell against
+    on-demand and the oracle (:func:`tables.headline_numbers`, the one owner of those numbers)."""
+    numbers = tables.headline_numbers(simulation.table, simulation.fraction, simulation.lookahead)
+    return [f"What it buys ({simulation.target.name} experts on {simulation.hardware.name}, cache "
+            f"{simulation.fraction:.0%} of all experts, lookahead {simulation.lookahead}, batch-1 decode): the best "
+            f"realizable policy, **{numbers['best_policy']}**, takes {numbers['best_ms_per_token']:.3f} ms/token "
+            f"against {numbers['on_demand_lru_ms_per_token']:.3f} on demand (LRU), "
+            f"**{numbers['best_speedup_vs_on_demand']:.2f}x**, and gets "
+            f"**{numbers['best_oracle_gain_fraction']:.0%} of the oracle's gain** (oracle "
+            f"{numbers['oracle_lru_ms_per_token']:.3f} ms/token).", ""]  # fmt: skip
 
 
 def markdown_sections(simulation: Simulation) -> list[str]:

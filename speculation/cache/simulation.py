@@ -3,7 +3,7 @@
 Every row replays the same tokens. ``speedup_vs_on_demand`` divides on-demand LRU's ms/token at the same cache
 fraction by the row's; ``oracle_gain_fraction`` is the row's gain over on-demand LRU as a share of the oracle's gain
 *with the same eviction and lookahead* (only the predictions differ). Bounds, computed: on-demand with Belady eviction
-bounds every on-demand policy (its time is compute + its minimal misses × one copy); ``bound_ms`` bounds every
+bounds every on-demand policy (its time is compute + its minimal misses × one copy); ``bound_ms_per_token`` bounds every
 policy: max(pure compute, Belady's minimal loads × one copy), perfect overlap of the fewest copies any schedule
 needs. Oracle prefetch is a policy, not a bound: the router's real choice fetched at the same issue times, skipping
 any prefetch whose victim is needed sooner (it knows the future). It is never slower than a realizable policy with
@@ -48,15 +48,15 @@ def replay_row(trace: ReplayTrace, run: PolicyRun, capacity: int, timing: Timing
         "capacity": capacity,
         "tokens": tokens,
         "ms_per_token": 1e3 * result.token_s.mean(),
-        "compute_ms": 1e3 * counted.compute_s / tokens,
-        "stall_ms": 1e3 * counted.stall_s / tokens,
+        "compute_ms_per_token": 1e3 * counted.compute_s / tokens,
+        "stall_ms_per_token": 1e3 * counted.stall_s / tokens,
         "hit_rate": counted.hits / accesses,
         "late_rate": counted.late / accesses,
         "miss_rate": counted.misses / accesses,
         "prefetches_per_token": counted.prefetches / tokens,
         "loads_per_token": loads / tokens,
-        "bytes_moved": loads * timing.expert_bytes / tokens,
-        "wasted_bytes": counted.wasted * timing.expert_bytes / tokens,
+        "bytes_moved_per_token": loads * timing.expert_bytes / tokens,
+        "wasted_bytes_per_token": counted.wasted * timing.expert_bytes / tokens,
     }
 
 
@@ -197,7 +197,7 @@ def _relative_columns(frame: pd.DataFrame, timing: TimingModel) -> pd.DataFrame:
     belady = frame[(frame["policy"] == "on_demand") & (frame["eviction"] == "belady")].set_index("cache_fraction")
     if len(belady):
         link_ms = frame["cache_fraction"].map(belady["loads_per_token"]) * timing.copy_s * 1e3
-        frame["bound_ms"] = np.maximum(frame["compute_ms"].min(), link_ms)
+        frame["bound_ms_per_token"] = np.maximum(frame["compute_ms_per_token"].min(), link_ms)
     else:  # sim.policies or sim.evictions left out on-demand Belady
-        frame["bound_ms"] = np.nan
+        frame["bound_ms_per_token"] = np.nan
     return frame

@@ -17,8 +17,8 @@ from speculation.errors import MissingInputError
 from speculation.workdir import SIMULATION_CSV, SIMULATION_JSON
 
 KEY = ["policy", "predictor", "eviction", "budget", "lookahead", "cache_fraction"]
-SHOWN = ["ms_per_token", "compute_ms", "stall_ms", "hit_rate", "bytes_moved", "wasted_bytes",
-         "speedup_vs_on_demand", "oracle_gain_fraction", "bound_ms"]  # fmt: skip
+SHOWN = ["ms_per_token", "compute_ms_per_token", "stall_ms_per_token", "hit_rate", "bytes_moved_per_token",
+         "wasted_bytes_per_token", "speedup_vs_on_demand", "oracle_gain_fraction", "bound_ms_per_token"]  # fmt: skip
 
 
 def read_simulation(eval_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -102,10 +102,10 @@ def bounds(table: pd.DataFrame, lookahead: int) -> pd.DataFrame:
         [
             {
                 "cache_fraction": fraction,
-                "pure_compute": rows["compute_ms"].min(),
+                "pure_compute": rows["compute_ms_per_token"].min(),
                 "on_demand_lru": ms_of(rows, "on_demand", "lru", 0),
                 "bound_on_demand_belady": ms_of(rows, "on_demand", "belady", 0),
-                "bound_overlap": rows["bound_ms"].min(),
+                "bound_overlap": rows["bound_ms_per_token"].min(),
                 "oracle_lru": ms_of(rows, "oracle", "lru", lookahead),
                 "oracle_belady": ms_of(rows, "oracle", "belady", lookahead),
             }
@@ -135,14 +135,15 @@ def equal_bytes(table: pd.DataFrame, fraction: float, lookahead: int, eviction: 
     out = []
     for predictor, own in rows[rows["lookahead"] == lookahead].groupby("predictor", sort=False):
         confident = own[own["policy"] == "predictor_confidence"]
-        fixed = pd.concat([on_demand, own[own["policy"] == "predictor_topb"]]).sort_values("bytes_moved")
+        fixed = pd.concat([on_demand, own[own["policy"] == "predictor_topb"]]).sort_values("bytes_moved_per_token")
         if confident.empty or len(fixed) < 2:
             continue
-        mb, ms = confident["bytes_moved"].item(), confident["ms_per_token"].item()
-        frontier = float(np.interp(mb, fixed["bytes_moved"], fixed["ms_per_token"]))
-        out.append({"predictor": predictor, "confidence_ms": ms, "bytes_moved": mb, "fixed_ms_at_equal_bytes": frontier,
+        mb, ms = confident["bytes_moved_per_token"].item(), confident["ms_per_token"].item()
+        frontier = float(np.interp(mb, fixed["bytes_moved_per_token"], fixed["ms_per_token"]))
+        out.append({"predictor": predictor, "confidence_ms": ms, "bytes_moved_per_token": mb,
+                    "fixed_ms_at_equal_bytes": frontier,
                     "difference_ms": ms - frontier})  # fmt: skip
-    return pd.DataFrame(out, columns=["predictor", "confidence_ms", "bytes_moved", "fixed_ms_at_equal_bytes",
+    return pd.DataFrame(out, columns=["predictor", "confidence_ms", "bytes_moved_per_token", "fixed_ms_at_equal_bytes",
                                       "difference_ms"])  # fmt: skip
 
 

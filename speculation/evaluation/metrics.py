@@ -16,7 +16,7 @@ its selected set S (experts >= 0; slot 0 is the router's top-1 choice) and its d
 - ``ece``: 15 equal-width confidence bins, sum_b (n_b / n) |accuracy_b - confidence_b| on top-1 correctness.
 - ``brier``: mean (confidence - top-1 correct)^2.
 - ``conf_corr``: Spearman correlation of confidence and top-1 correctness (confidences grouped to 1e-3).
-- ``stability``: fraction of tokens (with a predecessor in the same sequence) whose predicted top-1 differs from
+- ``change_rate``: fraction of tokens (with a predecessor in the same sequence) whose predicted top-1 differs from
   the predecessor's: lower means fewer cache changes.
 - *would-be misses* (``speculation.traces.batches.would_be_misses``): tokens whose target top-1 expert was used,
   in any slot, by none of the previous ``window`` tokens of the same sequence at the target layer (a sequence's
@@ -34,7 +34,7 @@ import numpy as np
 
 ECE_BINS = 15
 RANK_BINS = 1001  # confidence grouped to 1e-3 for the Spearman ranks
-PER_TOKEN = ("top1_acc", "recall_at_budget", "exact_set", "f1", "kl", "brier", "stability", "miss_share",
+PER_TOKEN = ("top1_acc", "recall_at_budget", "exact_set", "f1", "kl", "brier", "change_rate", "miss_share",
              "miss_top1_acc", "miss_recall_at_budget")  # fmt: skip
 
 
@@ -89,7 +89,7 @@ def token_metrics(
         "f1": f1,
         "kl": kl,
         "brier": np.where(has_top1, (confidence - np.nan_to_num(correct)) ** 2, np.nan),
-        "stability": changed.astype(float),
+        "change_rate": changed.astype(float),
         "miss_share": np.where(known, miss.astype(float), np.nan),
         "miss_top1_acc": np.where(known & miss, correct, np.nan),
         "miss_recall_at_budget": np.where(known & miss, recall, np.nan),

@@ -22,8 +22,8 @@ from speculation.traces.batches import iter_batches, load_batch, would_be_misses
 
 @dataclass
 class EvaluationResult:
-    rows: list[dict]  # one per (method, lookahead, layer|"all"), metrics.csv columns
-    reliability: dict[str, dict]  # "<method>/d<d>" -> per-bin count, confidence, accuracy (layer "all")
+    rows: list[dict]  # one per (method, lookahead, source layer) and per (method, lookahead) pooled over layers
+    reliability: dict[str, dict]  # "<method>/d<d>" -> per-bin count, confidence, accuracy (pooled rows)
     tokens: int  # evaluated tokens (rows of the split)
     seconds: float
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it was not evaluated
@@ -112,13 +112,14 @@ def _rows(accumulators: dict, store: TraceStore, bootstrap: int, seed: int) -> l
     rows = []
     for (method, d, layer), accumulator in accumulators.items():
         rows.append(
-            {"method": method, "lookahead": d, "layer": str(layer), "source_layer": store.layer_names[layer],
-             "target_layer": store.layer_names[layer + d], **accumulator.summary(bootstrap, seed)}
+            {"method": method, "lookahead": d, "pooled": False, "layer": layer,
+             "source_layer": store.layer_names[layer], "target_layer": store.layer_names[layer + d],
+             **accumulator.summary(bootstrap, seed)}
         )  # fmt: skip
     for (method, d), accumulator in _pooled(accumulators).items():
         rows.append(
-            {"method": method, "lookahead": d, "layer": "all", "source_layer": "all", "target_layer": "all",
-             **accumulator.summary(bootstrap, seed)}
+            {"method": method, "lookahead": d, "pooled": True, "layer": None, "source_layer": None,
+             "target_layer": None, **accumulator.summary(bootstrap, seed)}
         )  # fmt: skip
     return rows
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from speculation.config.stages import seed_group
 from speculation.errors import MissingInputError, UserError
 from speculation.workdir import METRICS_CSV, METRICS_JSON
 
@@ -21,16 +22,18 @@ HEURISTICS = ("layer_minus_1", "multi_layer", "pattern", "adaptive")
 ROLES = {"random": "bound: chance", "oracle": "bound: perfect", **dict.fromkeys(PRIORS, "prior"),
          **dict.fromkeys(HEURISTICS, "heuristic"), "gate_lookahead": "router baseline"}  # fmt: skip
 METRICS = ["top1_acc", "top1_ci_low", "top1_ci_high", "recall_at_budget", "exact_set", "f1", "kl", "ece", "brier",
-           "conf_corr", "stability", "miss_share", "miss_top1_acc", "miss_recall_at_budget"]  # fmt: skip
+           "conf_corr", "change_rate", "miss_share", "miss_top1_acc", "miss_recall_at_budget"]  # fmt: skip
 
 
 def read_metrics(eval_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """metrics.csv (``layer`` as text: source-layer indices and ``all``) and metrics.json of an evaluation."""
+    """metrics.csv (``layer`` a nullable integer, empty in ``pooled`` rows) and metrics.json of an evaluation."""
     if not (eval_dir / METRICS_CSV).is_file() or not (eval_dir / METRICS_JSON).is_file():
         raise MissingInputError(
             f"no evaluation in {eval_dir}; run spec-evaluate for its workdir (or spec-pipeline experiment=smoke)."
         )
-    frame = pd.read_csv(eval_dir / METRICS_CSV, dtype={"layer": str})
+    frame = pd.read_csv(eval_dir / METRICS_CSV, dtype={"layer": "Int64", "seeds": int, "run": str})
+    if "pooled" not in frame:  # metrics.csv before the pooled flag marked pooled rows with layer "all"
+        raise UserError(f"{eval_dir / METRICS_CSV} predates the current columns; rerun spec-evaluate for its workdir.")
     return frame, json.loads((eval_dir / METRICS_JSON).read_text())
 
 
@@ -40,26 +43,39 @@ def role(method: str) -> str:
 
 
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows pooled over source layers (``layer == "all"``)."""
-    return frame[frame["layer"] == "all"]
+    """The rows pooled over source layers."""
+    return frame[frame["pooled"]]
 
 
 def per_layer(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of single source layers, ``layer`` as an int."""
-    return frame[frame["layer"] != "all"].astype({"layer": int})
+    return frame[~frame["pooled"]].astype({"layer": int})
+
+
+def labels(rows: pd.DataFrame) -> list[str]:
+    """How the report and figures name each row's method: a seed mean as ``"<group> (n seeds)"``."""
+    return [f"{m} ({n} seeds)" if n > 1 else m for m, n in zip(rows["method"], rows["seeds"], strict=True)]
 
 
 def lookahead_table(frame: pd.DataFrame, lookahead: int) -> pd.DataFrame:
     """One row per method at lookahead ``d``: every pooled metric (the report's table for that lookahead)."""
     rows = aggregate(frame)
-    return rows[rows["lookahead"] == lookahead][["method", *METRICS]].reset_index(drop=True)
+    return rows[rows["lookahead"] == lookahead][["method", "seeds", *METRICS]].reset_index(drop=True)
+
+
+def representatives(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` without the single runs of a seed group that has a mean row: a "best method" is then chosen among
+    seed means and lone runs, never by picking the luckiest seed."""
+    averaged = set(rows.loc[rows["seeds"] > 1, "method"])
+    return rows[~((rows["seeds"] == 1) & rows["method"].map(seed_group).isin(averaged) & (rows["role"] == "trained"))]
 
 
 def summary(
     frame: pd.DataFrame, metrics: tuple[str, ...] = ("top1_acc", "recall_at_budget", "kl", "ece")
 ) -> pd.DataFrame:
-    """Methods (rows, in metrics.csv order, indexed by role and name) × (metric, lookahead) columns."""
+    """Methods (rows, in metrics.csv order, indexed by role and label) × (metric, lookahead) columns."""
     rows = aggregate(frame)
+    rows = rows.assign(method=labels(rows))
     methods = list(dict.fromkeys(rows["method"]))
     table = pd.concat(
         {metric: rows.pivot(index="method", columns="lookahead", values=metric) for metric in metrics},
@@ -128,28 +144,35 @@ def hardest_layers(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_of(frame: pd.DataFrame, methods: list[str] | tuple[str, ...]) -> pd.DataFrame:
-    """Per lookahead, the pooled row of the method among ``methods`` with the highest top-1 (NaN where none)."""
+    """Per lookahead, the pooled row of the method among ``methods`` with the highest top-1 (NaN where none);
+    ``label`` names it as the report does."""
     rows = aggregate(frame)
+    rows = rows.assign(label=labels(rows))
     lookaheads = sorted(rows["lookahead"].unique())
     rows = rows[rows["method"].isin(methods)].dropna(subset=["top1_acc"])
     return rows.loc[rows.groupby("lookahead")["top1_acc"].idxmax()].set_index("lookahead").reindex(lookaheads)
 
 
 def gains(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per lookahead: the best non-oracle method and its top-1 / recall margins over the best simple heuristic,
-    previous_token and frequency; ``cis_disjoint``: its top-1 interval lies above the best heuristic's."""
-    methods = [m for m in dict.fromkeys(aggregate(frame)["method"]) if m != "oracle"]
+    """Per lookahead: the best non-oracle method (a seed group by its mean, never its best seed) and its top-1 /
+    recall margins over gate_lookahead, the best simple heuristic, previous_token and frequency; ``cis_disjoint``:
+    its top-1 interval lies above the best heuristic's."""
+    methods = [m for m in dict.fromkeys(representatives(aggregate(frame))["method"]) if m != "oracle"]
     best = best_of(frame, methods)
     references = {
+        "gate_lookahead": best_of(frame, ["gate_lookahead"]),
         "best heuristic": best_of(frame, HEURISTICS),
         "previous_token": best_of(frame, ["previous_token"]),
         "frequency": best_of(frame, ["frequency"]),
     }
     table = pd.DataFrame(
         {
-            "best_method": best["method"],
+            "best_method": best["label"],
             "top1_acc": best["top1_acc"],
+            "top1_ci_low": best["top1_ci_low"],
+            "top1_ci_high": best["top1_ci_high"],
             "recall_at_budget": best["recall_at_budget"],
+            "miss_top1_acc": best["miss_top1_acc"],
             "best_heuristic": references["best heuristic"]["method"],
             "heuristic_top1": references["best heuristic"]["top1_acc"],
         }

@@ -30,13 +30,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from speculation.cache import tables as sim_tables
 from speculation.errors import UserError
-from speculation.evaluation.tables import aggregate, read_metrics, role
+from speculation.evaluation.report import IDENTITY
+from speculation.evaluation.tables import aggregate, labels, read_metrics, representatives
 from speculation.identity import flatten
 from speculation.io import atomic_write_text
 from speculation.markdown import to_markdown
 from speculation.plots import save_figure
-from speculation.traces import TraceStore
-from speculation.tracking import router_label
 from speculation.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ METRICS = ["top1_acc", "recall_at_budget", "miss_top1_acc", "ece", "kl"]
 PLACEMENT = re.compile(
     r"^(workdir|experiment_name|device|threads|logger\..*|command_overrides|run_name|train\.overwrite)$"
 )
-SEEDS = re.compile(r"^(?P<group>.*) \((?P<seeds>\d+) seeds\)$")  # metrics.csv's seed-mean rows
 
 
 @dataclass
@@ -106,20 +104,6 @@ def sources(paths: Sequence[Path]) -> list[Source]:
     return found
 
 
-def identity(workdir: Path) -> dict[str, Any]:
-    """What the traces are: model, router label, corpus and the traces' fingerprint."""
-    store = TraceStore.open(Workdir(workdir).traces(), verify=False)
-    corpus = store.manifest.raw.get("corpus") or {}
-    return {
-        "model": store.manifest.model_name,
-        "router": router_label(store) or "hf",
-        "corpus": corpus.get("kind"),
-        "corpus_fingerprint": (corpus.get("fingerprint") or "")[:16],
-        "corpus_documents": corpus.get("documents"),
-        "traces_fingerprint": store.manifest.fingerprint()[:16],
-    }
-
-
 def simulation_headline(eval_dir: Path) -> dict[str, Any]:
     """The best realizable policy at the simulation's headline cache fraction and lookahead, with on-demand LRU."""
     try:
@@ -148,13 +132,12 @@ def compare(paths: Sequence[Path]) -> pd.DataFrame:
         eval_dir = Workdir(source.workdir).eval()
         frame, _ = read_metrics(eval_dir)
         pooled = aggregate(frame)
-        columns = {"workdir": str(source.workdir), **identity(source.workdir),
-                   **{key: source.config.get(key) for key in differing}, **simulation_headline(eval_dir)}  # fmt: skip
+        columns = {**{key: source.config.get(key) for key in differing}, **simulation_headline(eval_dir)}
         for _, row in pooled.iterrows():
-            seeds = SEEDS.match(row["method"])
-            rows.append({**columns, "method": seeds["group"] if seeds else row["method"],
-                         "seeds": int(seeds["seeds"]) if seeds else 1, "role": role(row["method"]),
-                         "lookahead": int(row["lookahead"]), **{m: row[m] for m in METRICS}})  # fmt: skip
+            rows.append({**row[IDENTITY].to_dict(), "workdir": str(source.workdir), **columns,
+                         "method": row["method"], "seeds": int(row["seeds"]), "role": row["role"],
+                         "kind": row["kind"], "lookahead": int(row["lookahead"]),
+                         **{m: row[m] for m in METRICS}})  # fmt: skip
     out = pd.DataFrame(rows)
     out.attrs["differing_keys"] = differing
     return out
@@ -169,19 +152,24 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
         record = {key: rows[key].iloc[0] for key in dict.fromkeys(keys)}
         for d, at in rows.groupby("lookahead"):
             gate = at[at["method"] == "gate_lookahead"]["top1_acc"]
-            trained = at[at["role"] == "trained"].sort_values(["seeds", "top1_acc"], ascending=False)
+            trained = representatives(at[at["role"] == "trained"])  # a seed group by its mean, not its best seed
             record[f"gate_lookahead top-1 d={d}"] = float(gate.iloc[0]) if len(gate) else float("nan")
             if len(trained):
                 best = trained.loc[trained["top1_acc"].idxmax()]
                 record[f"best trained top-1 d={d}"] = float(best["top1_acc"])
-                record[f"best trained d={d}"] = best["method"] + (
-                    f" ({best['seeds']} seeds)" if best["seeds"] > 1 else ""
-                )
+                record[f"best trained d={d}"] = labels(best.to_frame().T)[0]
         for column in ("sim_best_policy", "sim_best_ms_per_token", "sim_best_oracle_gain_fraction"):
             if column in rows:
                 record[column] = rows[column].iloc[0]
         out.append(record)
     return pd.DataFrame(out)
+
+
+def spread_table(headline: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation (n - 1), min and max over the workdirs of every numeric headline column: how much a
+    headline moves between the compared runs (e.g. a ``source_train.seed`` sweep, where only the seed differs)."""
+    numbers = headline.select_dtypes("number")
+    return numbers.agg(["mean", "std", "min", "max"]).T.rename_axis("headline").reset_index()
 
 
 def comparison_figure(frame: pd.DataFrame) -> Figure:
@@ -190,7 +178,7 @@ def comparison_figure(frame: pd.DataFrame) -> Figure:
     accuracy, latency = fig.subplots(1, 2)
     labels = {w: f"{i}: {Path(w).name}" for i, w in enumerate(dict.fromkeys(frame["workdir"]))}
     for workdir, rows in frame.groupby("workdir", sort=False):
-        trained = rows[rows["role"] == "trained"].groupby("lookahead")["top1_acc"].max()
+        trained = representatives(rows[rows["role"] == "trained"]).groupby("lookahead")["top1_acc"].max()
         gate = rows[rows["method"] == "gate_lookahead"].set_index("lookahead")["top1_acc"].sort_index()
         line = accuracy.plot(trained.index, trained.values, marker="o", label=f"{labels[workdir]} best trained")[0]
         accuracy.plot(gate.index, gate.values, ls="--", marker="s", color=line.get_color(), alpha=0.7,
@@ -229,6 +217,11 @@ def write_comparison(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
              f"{', '.join(f'`{k}`' for k in differing) or 'none'}. Test-split top-1; the simulation's headline "
              "(best realizable policy, ms/token, share of the oracle's gain). Every metric per method and lookahead: "
              "`comparison.csv`.", "", to_markdown(table, formats), ""]  # fmt: skip
+    if len(table) >= 2:
+        spread = spread_table(table.drop(columns=[key for key in differing if key in table]))  # not the swept keys
+        lines += ["## Spread over the workdirs", "", "Of each headline number above: its mean, standard deviation "
+                  "(n - 1), min and max over the workdirs.", "",
+                  to_markdown(spread, dict.fromkeys(["mean", "std", "min", "max"], "{:.4f}")), ""]  # fmt: skip
     atomic_write_text(paths["markdown"], "\n".join(lines))
     figure = comparison_figure(frame)
     for suffix in ("png", "pdf"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from speculation.cache import tables as sim_tables
 from speculation.cache.report import Simulation, simulate, write_simulation
 from speculation.cache.report import figures as simulation_figures
+from speculation.cache.report import headline_sentence as simulation_headline
 from speculation.cache.report import markdown_sections as simulation_sections
 from speculation.cache.simulation import check_predictor_costs
 from speculation.config import to_object
@@ -34,6 +36,7 @@ from speculation.predictors.loading import build_heuristics, load_trained_predic
 from speculation.predictors.trained import TrainedPredictor
 from speculation.stages.job import apply_threads
 from speculation.traces import TraceStore
+from speculation.traces.analysis import trace_identity
 from speculation.tracking import Tracker, run_tags, start_run, traces_context
 from speculation.workdir import FIGURES_DIR, REPORT_FILE, Workdir
 
@@ -100,6 +103,11 @@ def domains(store: TraceStore, methods: list[Predictor]) -> dict[str, str]:
     return out
 
 
+def run_identity(cfg: EvaluateConfig, store: TraceStore) -> dict[str, Any]:
+    """The identity columns of metrics.csv and simulation.csv: what the traces are, the split, the workdir."""
+    return {**trace_identity(store), "split": cfg.eval.split, "workdir": str(Path(cfg.workdir).resolve())}
+
+
 def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skipped: dict[str, str]) -> Scores:
     """Every method on ``eval.split``: metrics.csv's frame, with the mean of each seed group appended."""
     result = evaluate_predictors(
@@ -116,7 +124,8 @@ def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skip
     )
     result.skipped = skipped
     groups = {m.name: m.group for m in methods if isinstance(m, TrainedPredictor)}
-    frame = report.seed_means(report.metrics_frame(result, [m.name for m in methods]), groups)
+    kinds = {m.name: m.kind if isinstance(m, TrainedPredictor) else m.name for m in methods}
+    frame = report.seed_means(report.metrics_frame(result, kinds, run_identity(cfg, store)), groups)
     context = {
         "model": store.manifest.model_name,
         "split": cfg.eval.split,
@@ -140,7 +149,8 @@ def write(eval_dir: Path, scores: Scores, simulation: Simulation | None, budget:
         figures |= simulation_figures(simulation)
     figure_paths = {name: save_figure(fig, eval_dir / FIGURES_DIR / f"{name}.png") for name, fig in figures.items()}
     paths = report.write_metrics(eval_dir, scores.frame, scores.result, scores.context, figure_paths)
-    lines = report.markdown_sections(scores.frame, scores.result, scores.context, budget)
+    headline = simulation_headline(simulation) if simulation is not None else []
+    lines = report.markdown_sections(scores.frame, scores.result, scores.context, budget, headline)
     if simulation is not None:
         paths |= write_simulation(eval_dir, simulation)
         lines += simulation_sections(simulation)
@@ -177,7 +187,7 @@ def headline_summary(aggregate: pd.DataFrame, simulation: Simulation | None) -> 
 
 
 def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
-    """Run the evaluate stage; returns the aggregate rows (layer ``all``), the simulation frame and the paths."""
+    """Run the evaluate stage; returns the pooled rows, the simulation frame and the paths."""
     cfg = to_object(cfg, EvaluateConfig)
     workdir = Workdir(cfg.workdir)
     apply_threads(cfg.threads)
@@ -205,7 +215,9 @@ def _evaluate(cfg: EvaluateConfig) -> dict:
         scores = score(cfg, store, methods, skipped)
         simulation = None
         if cfg.sim.enabled:
-            simulation = simulate(store, methods, cfg.eval.split, cfg.sim, cfg.hardware, cfg.target)
+            simulation = simulate(
+                store, methods, cfg.eval.split, cfg.sim, cfg.hardware, cfg.target, run_identity(cfg, store)
+            )
             log.info("simulation: %d replays, %.1f M layer-events/s", simulation.stats["runs"],
                      simulation.stats["events_per_s"] / 1e6)  # fmt: skip
         eval_dir = Workdir(cfg.workdir).eval(cfg.eval.stack)

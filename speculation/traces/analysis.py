@@ -6,12 +6,44 @@ Shape legend (docs/glossary.md): N token rows, L MoE layers, K expert slots, E e
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
+from speculation.config.model import RouterConfig
 from speculation.health import RouterHealth
 from speculation.traces.batches import router_distribution
 from speculation.traces.reader import TraceStore
+from speculation.workdir import CONFIG_FILE
+
+
+def router_label(store: TraceStore) -> str:
+    """The traced router's :attr:`RouterConfig.label` (the embedded model's, from its saved config); ``hf`` for a
+    checkpoint, whose router is the model's own."""
+    model = store.manifest.raw.get("model") or {}
+    config_path = store.root / str(model.get("source_dir", "")) / CONFIG_FILE
+    if model.get("kind") != "embedded" or not config_path.is_file():
+        return "hf"
+    return RouterConfig.from_json(json.loads(config_path.read_text())["router"]).label
+
+
+IDENTITY_COLUMNS = ["model", "router", "corpus", "corpus_fingerprint", "corpus_documents", "traces_fingerprint"]
+
+
+def trace_identity(store: TraceStore) -> dict[str, Any]:
+    """What the traces are, as the identity columns of metrics.csv, simulation.csv and spec-compare: the model,
+    the router label, the corpus (kind, fingerprint prefix, documents) and the traces' own fingerprint prefix."""
+    corpus = store.manifest.raw.get("corpus") or {}
+    return {
+        "model": store.manifest.model_name,
+        "router": router_label(store),
+        "corpus": corpus.get("kind"),
+        "corpus_fingerprint": (corpus.get("fingerprint") or "")[:16],
+        "corpus_documents": corpus.get("documents"),
+        "traces_fingerprint": store.manifest.fingerprint()[:16],
+    }
 
 
 def model_facts(store: TraceStore) -> pd.Series:
