@@ -35,11 +35,12 @@ def test_a_sweep_of_two_seeds_yields_two_predictor_dirs(workdir, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # different seeds, different models
 
 
-def test_a_sweep_over_a_loss_weight_names_one_run_per_value(workdir, tmp_path):
+def test_a_sweep_over_a_loss_weight_names_one_run_per_value(workdir):
     """Without run_name, each value gets its own run (named from the overrides that change the result), trained
     with its own weight: not one run reused twice."""
-    spec_train(f"workdir={workdir}", *TINY_TRAIN, "predictor=probe", "loss.confidence=0,0.5",
-               f"hydra.sweep.dir={tmp_path}/multirun")  # fmt: skip
+    spec_train(f"workdir={workdir}", *TINY_TRAIN, "predictor=probe", "loss.confidence=0,0.5")
+    (sweep,) = (Path(workdir) / "logs" / "multirun").iterdir()  # the sweep's logs: under the workdir, one per job
+    assert sorted(job.name for job in sweep.iterdir() if (job / ".hydra" / "overrides.yaml").is_file()) == ["0", "1"]
     runs = {}
     for value in ("0", "0.5"):
         name = default_run_name("probe", 0, [*TINY_TRAIN, f"loss.confidence={value}"])
