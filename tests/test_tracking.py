@@ -39,6 +39,11 @@ def test_an_evaluate_run_carries_the_config_the_traces_and_the_headline(offline_
     assert summary["sim/best_ms_per_token"] <= summary["sim/on_demand_lru_ms_per_token"] + 1e-9
     assert summary["sim/oracle_lru_ms_per_token"] <= summary["sim/on_demand_lru_ms_per_token"]
     assert isinstance(summary["sim/best_policy"], str) and "sim/best_oracle_gain_fraction" in summary
+    on_demand, best = summary["sim/on_demand_lru_ms_per_token"], summary["sim/best_ms_per_token"]
+    oracle = summary["sim/best_eviction_oracle_ms_per_token"]  # the gain is against the oracle of the same eviction
+    if on_demand - oracle > 1e-9:
+        expected = (on_demand - best) / (on_demand - oracle)
+        assert summary["sim/best_oracle_gain_fraction"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_rerun_continues_the_same_wandb_run(offline_evaluation):
