@@ -40,10 +40,14 @@ def utilisation_heatmap(load_LE: np.ndarray, layer_labels: list[str], title: str
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` to ``path`` atomically (a killed run never leaves a half-written figure) and close it."""
+    """Write ``fig`` as ``path`` (PNG: reports, W&B) and beside it as ``.pdf`` (vector: papers), each atomically,
+    so a killed run never leaves a half-written figure; returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip("."))
+    for target in dict.fromkeys([path, path.with_suffix(".pdf")]):
+        fmt = target.suffix.lstrip(".")
+        metadata = {"CreationDate": None} if fmt == "pdf" else None  # no timestamp: a rerun writes the same file
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=120, format=fmt, metadata=metadata)
     return path
 
 

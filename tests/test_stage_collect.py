@@ -30,7 +30,7 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.suffix != ".png"  # PNGs embed the matplotlib version, not data
+        if p.is_file() and p.suffix not in (".png", ".pdf")  # figures embed the matplotlib version, not data
     }
 
 
@@ -49,6 +49,7 @@ def test_store_holds_every_split_with_consistent_geometry(collected):
         assert experts.shape == (split.num_rows, 4, 1) and experts.min() >= 0  # top-1, no dropping
         assert split.array("hidden").shape == (split.num_rows, 4, 32)
     assert (traces / "figures" / "expert_utilisation.png").stat().st_size > 0
+    assert (traces / "figures" / "expert_utilisation.pdf").read_bytes().startswith(b"%PDF")
     summary = json.loads((traces / SUMMARY_FILE).read_text())
     layer = summary["overall"]["layers"]["decoder.1"]
     assert sum(layer["expert_load"]) == pytest.approx(1.0)

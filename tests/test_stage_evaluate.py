@@ -54,6 +54,7 @@ def test_spec_evaluate_writes_every_file(evaluated):
     for name in ("accuracy_vs_lookahead", "reliability_d1", "layer_accuracy_d1", "latency_breakdown", "cache_sweep"):
         path = eval_dir / "figures" / f"{name}.png"
         assert path.stat().st_size > 0 and f"]({path.relative_to(eval_dir)})" in report
+        assert path.with_suffix(".pdf").read_bytes().startswith(b"%PDF")  # every figure also as a vector PDF
         assert summary["figures"][name] == str(path.relative_to(eval_dir))
     written = pd.read_csv(eval_dir / SIMULATION_CSV, keep_default_na=False)
     assert len(written) == len(out["simulation"]) and out["paths"]["report"] == str(eval_dir / REPORT_FILE)

@@ -223,9 +223,8 @@ def write_comparison(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
                   "(n - 1), min and max over the workdirs.", "",
                   to_markdown(spread, dict.fromkeys(["mean", "std", "min", "max"], "{:.4f}")), ""]  # fmt: skip
     atomic_write_text(paths["markdown"], "\n".join(lines))
-    figure = comparison_figure(frame)
-    for suffix in ("png", "pdf"):
-        paths[suffix] = save_figure(figure, out_dir / f"comparison.{suffix}")
+    paths["png"] = save_figure(comparison_figure(frame), out_dir / "comparison.png")
+    paths["pdf"] = paths["png"].with_suffix(".pdf")
     return paths
 
 
