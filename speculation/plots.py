@@ -6,6 +6,7 @@ are involved, so stages render headless (and in threads) while notebooks show th
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,17 +52,56 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+# One look per method, the same in every figure and notebook: bounds and priors grey and dashed, the heuristics
+# one warm family, the router baseline purple, trained predictors one cool colour per kind (seed means bolder).
+# Built-in methods have a fixed look; a method this table does not know gets one from a hash of its name.
+_BUILT_IN = {"random": ("0.55", "x"), "oracle": ("0.1", "*"), "frequency": ("0.4", "v"),
+             "previous_token": ("0.4", "<"), "layer_minus_1": ("tab:orange", "^"), "multi_layer": ("tab:brown", "D"),
+             "pattern": ("goldenrod", "P"), "adaptive": ("tab:pink", "X")}  # fmt: skip
+_BASELINE_ROLES = ("bound: chance", "bound: perfect", "prior")
+_HEURISTIC_COLOURS = ("tab:orange", "tab:brown", "goldenrod", "tab:pink", "sienna", "darkorange")
+_KIND_COLOURS = {"contextual": "tab:blue", "transformer": "tab:green", "hierarchical": "tab:cyan",
+                 "probe": "teal"}  # fmt: skip
+_MARKERS = ("o", "s", "D", "^", "P", "X")
+
+
+def method_style(method: str, role: str, kind: str, seeds: int = 1) -> dict[str, object]:
+    """matplotlib line keywords for a method, determined by its name, role and kind alone (so a method looks the
+    same in every figure, whatever else is plotted beside it)."""
+    pick = zlib.crc32(method.encode())  # stable across runs, unlike hash()
+    if role in _BASELINE_ROLES:
+        colour, marker = _BUILT_IN.get(method, ("0.4", _MARKERS[pick % 6]))
+        return {"color": colour, "marker": marker, "linestyle": "--", "linewidth": 1.2}
+    if role == "heuristic":
+        colour, marker = _BUILT_IN.get(method, (_HEURISTIC_COLOURS[pick % 6], _MARKERS[pick % 6]))
+        return {"color": colour, "marker": marker, "linestyle": ":", "linewidth": 1.4}
+    if role == "router baseline":
+        return {"color": "tab:purple", "marker": "s", "linestyle": "-.", "linewidth": 1.6}
+    colour = _KIND_COLOURS.get(kind) or matplotlib.colormaps["winter"]((zlib.crc32(kind.encode()) % 97) / 97)
+    return {"color": colour, "marker": "o" if seeds > 1 else _MARKERS[pick % 6], "linestyle": "-",
+            "linewidth": 2.6 if seeds > 1 else 1.4}  # fmt: skip
+
+
+def _style_of(rows: pd.DataFrame, method: str) -> dict[str, object]:
+    first = rows.iloc[0]
+    role = str(first["role"]) if "role" in rows else "trained"
+    kind = str(first["kind"]) if "kind" in rows else method.split("-")[0]
+    return method_style(method, role, kind, int(first["seeds"]) if "seeds" in rows else 1)
+
+
 def accuracy_vs_lookahead(aggregate: pd.DataFrame, budget: int) -> Figure:
-    """Top-1 accuracy (with its bootstrap CI) and recall@B vs lookahead d, one line per method."""
-    fig = Figure(figsize=(11, 4.2))
+    """Top-1 accuracy (with its bootstrap CI) and recall@B vs lookahead d, one line per method, the legend
+    outside the axes."""
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
     for method, rows in aggregate.groupby("method", sort=False):
         rows = rows.sort_values("lookahead")
-        line = axes[0].plot(rows["lookahead"], rows["top1_acc"], marker="o", label=method)[0]
+        style = _style_of(rows, str(method))
+        axes[0].plot(rows["lookahead"], rows["top1_acc"], label=method, **style)
         axes[0].fill_between(
-            rows["lookahead"], rows["top1_ci_low"], rows["top1_ci_high"], color=line.get_color(), alpha=0.15
+            rows["lookahead"], rows["top1_ci_low"], rows["top1_ci_high"], color=style["color"], alpha=0.12
         )
-        axes[1].plot(rows["lookahead"], rows["recall_at_budget"], marker="o", color=line.get_color(), label=method)
+        axes[1].plot(rows["lookahead"], rows["recall_at_budget"], label=method, **style)
     axes[0].set_ylabel("top-1 accuracy (95 % CI over documents)")
     axes[1].set_ylabel(f"recall@{budget}")
     for ax in axes:
@@ -69,8 +109,7 @@ def accuracy_vs_lookahead(aggregate: pd.DataFrame, budget: int) -> Figure:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.set_xticks(sorted(aggregate["lookahead"].unique()))
-    axes[1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     return fig
 
 
@@ -93,15 +132,16 @@ def reliability_diagrams(
                edgecolor="k", linewidth=0.4)  # fmt: skip
         ax.stairs(count / max(count.sum(), 1), edges, color="k", linewidth=1)
         ax.plot([0, 1], [0, 1], color="0.4", lw=0.8, ls="--")
-        title = method if ece is None or method not in ece else f"{method} (ECE {ece[method]:.3f})"
-        ax.set_title(title, fontsize=9)
+        said = f"n = {int(count.sum()):,}" + ("" if ece is None or method not in ece else f", ECE {ece[method]:.3f}")
+        ax.set_title(f"{method}\n{said}", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
     fig.supxlabel("confidence")
     fig.supylabel("top-1 accuracy (bars) / token share (outline)")
-    fig.suptitle(f"reliability at lookahead d = {lookahead}")
+    fig.suptitle(f"reliability at lookahead d = {lookahead} ({len(edges) - 1 if shown else 0} equal-width "
+                 "confidence bins; n = tokens scored)")  # fmt: skip
     fig.tight_layout()
     return fig
 

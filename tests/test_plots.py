@@ -1,0 +1,69 @@
+"""Figures a paper can use: one look per method in every figure, legends outside the data, reliability panels
+that say their ECE and token count, PNG and PDF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_rgba
+
+from speculation.evaluation.tables import ROLES, role
+from speculation.plots import accuracy_vs_lookahead, method_style, reliability_diagrams, save_figure
+
+TRAINED = ["contextual-seed0", "transformer-seed0", "hierarchical-seed0", "probe-seed0"]
+
+
+def aggregate(methods: list[str]) -> pd.DataFrame:
+    rows = []
+    for i, method in enumerate(methods):
+        for d in (1, 2, 3):
+            top1 = 0.1 + 0.05 * i
+            rows.append({"method": method, "role": role(method), "kind": method.split("-")[0], "seeds": 1,
+                         "lookahead": d, "top1_acc": top1, "top1_ci_low": top1 - 0.01, "top1_ci_high": top1 + 0.01,
+                         "recall_at_budget": top1 + 0.1})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def line_looks(fig) -> dict[str, tuple]:
+    return {line.get_label(): (to_rgba(line.get_color()), line.get_marker(), line.get_linestyle())
+            for line in fig.axes[0].get_lines()}  # fmt: skip
+
+
+def test_every_built_in_method_and_kind_has_its_own_look():
+    methods = [*ROLES, *TRAINED]
+    looks = {m: method_style(m, role(m), m.split("-")[0]) for m in methods}
+    pairs = {(to_rgba(s["color"]), s["marker"]) for s in looks.values()}
+    assert len(pairs) == len(methods)  # e.g. random and hierarchical no longer share a colour
+    for method in ("random", "oracle", "frequency", "previous_token"):
+        red, green, blue, _ = to_rgba(looks[method]["color"])
+        assert looks[method]["linestyle"] == "--" and red == green == blue  # baselines: grey, dashed
+    assert len({to_rgba(looks[m]["color"]) for m in TRAINED}) == len(TRAINED)
+    assert method_style("transformer", "trained", "transformer", seeds=3)["linewidth"] > looks[TRAINED[1]]["linewidth"]
+
+
+def test_a_method_looks_the_same_whatever_is_plotted_beside_it():
+    everything = line_looks(accuracy_vs_lookahead(aggregate([*ROLES, *TRAINED]), 2))
+    alone = line_looks(accuracy_vs_lookahead(aggregate(["hierarchical-seed0", "random"]), 2))
+    assert alone["hierarchical-seed0"] == everything["hierarchical-seed0"]
+    assert alone["random"] == everything["random"] and alone["random"] != alone["hierarchical-seed0"]
+
+
+def test_the_legend_sits_outside_the_axes():
+    fig = accuracy_vs_lookahead(aggregate(["random", "transformer-seed0"]), 2)
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    fig.draw_without_rendering()  # runs the constrained layout
+    legend = fig.legends[0].get_window_extent()
+    assert all(legend.x0 >= ax.get_window_extent().x1 for ax in fig.axes)  # right of both panels
+
+
+def test_reliability_panels_say_their_ece_and_token_count():
+    bins = {"count": [0] * 13 + [30, 10], "accuracy": [np.nan] * 13 + [0.9, 1.0]}
+    fig = reliability_diagrams({"probe-seed0/d1": bins}, ["probe-seed0"], 1, {"probe-seed0": 0.0123})
+    assert fig.axes[0].get_title() == "probe-seed0\nn = 40, ECE 0.012"
+    assert "15 equal-width confidence bins" in fig._suptitle.get_text()
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    path = save_figure(accuracy_vs_lookahead(aggregate(["random"]), 2), tmp_path / "figures" / "a.png")
+    assert path.read_bytes().startswith(b"\x89PNG") and path.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.pdf", "a.png"]  # no temporary file left
