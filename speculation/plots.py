@@ -182,7 +182,7 @@ def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int) -> F
         (table["cache_fraction"] == fraction) & (table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])
     ]
     labels = [_policy_label(row) for _, row in rows.iterrows()]
-    fig = Figure(figsize=(8, 0.38 * len(rows) + 1.6))
+    fig = Figure(figsize=(9.5, 0.38 * len(rows) + 1.6), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(rows))
     ax.barh(y, rows["compute_ms_per_token"], color="tab:blue", label="compute")
@@ -192,18 +192,17 @@ def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int) -> F
     ax.invert_yaxis()
     ax.set_xlabel("ms per token")
     ax.set_title(f"latency per token: cache {fraction:.0%}, lookahead {lookahead}, LRU eviction")
-    ax.legend(fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
 def cache_sweep(table: pd.DataFrame, lookahead: int) -> Figure:
     """ms/token and hit rate vs cache fraction, one line per policy (LRU eviction, largest budget shown once)."""
     rows = table[(table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])]
-    fig = Figure(figsize=(12, 4.4))
-    axes = fig.subplots(1, 2, sharex=True)
     groups = list(rows.groupby(rows.apply(_policy_label, axis=1), sort=False))
+    fig = Figure(figsize=(14, max(4.4, 0.15 * len(groups) + 0.8)), layout="constrained")  # the legend's height
+    axes = fig.subplots(1, 2, sharex=True)
     colors = matplotlib.colormaps["tab20"](np.linspace(0, 1, max(len(groups), 2)))
     for (label, line), color in zip(groups, colors, strict=True):
         line = line.sort_values("cache_fraction")
@@ -218,7 +217,6 @@ def cache_sweep(table: pd.DataFrame, lookahead: int) -> Figure:
     for ax in axes:
         ax.set_xlabel("cache fraction (share of all experts on the GPU)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     fig.suptitle(f"prefetch policies vs cache size (lookahead {lookahead}, LRU eviction)")
-    fig.tight_layout()
     return fig

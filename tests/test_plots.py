@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from matplotlib.colors import to_rgba
 
 from speculation.evaluation.tables import ROLES, role
-from speculation.plots import accuracy_vs_lookahead, method_style, reliability_diagrams, save_figure
+from speculation.plots import (
+    accuracy_vs_lookahead,
+    cache_sweep,
+    latency_breakdown,
+    method_style,
+    reliability_diagrams,
+    save_figure,
+)
 
 TRAINED = ["contextual-seed0", "transformer-seed0", "hierarchical-seed0", "probe-seed0"]
 
@@ -48,12 +56,27 @@ def test_a_method_looks_the_same_whatever_is_plotted_beside_it():
     assert alone["random"] == everything["random"] and alone["random"] != alone["hierarchical-seed0"]
 
 
-def test_the_legend_sits_outside_the_axes():
-    fig = accuracy_vs_lookahead(aggregate(["random", "transformer-seed0"]), 2)
+def simulation_table() -> pd.DataFrame:
+    rows = [(policy, predictor, budget, lookahead, fraction)
+            for policy, predictor, budget, lookahead in [("on_demand", "", 0, 0), ("predictor_topb", "probe", 1, 2),
+                                                         ("oracle", "", 1, 2)]
+            for fraction in (0.25, 0.5)]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["policy", "predictor", "budget", "lookahead", "cache_fraction"])
+    return table.assign(eviction="lru", ms_per_token=1.5, hit_rate=0.6, compute_ms_per_token=1.0,
+                        stall_ms_per_token=0.5)  # fmt: skip
+
+
+@pytest.mark.parametrize("figure", ["accuracy", "cache_sweep", "latency_breakdown"])
+def test_the_legend_sits_outside_the_axes(figure):
+    fig = {
+        "accuracy": lambda: accuracy_vs_lookahead(aggregate(["random", "transformer-seed0"]), 2),
+        "cache_sweep": lambda: cache_sweep(simulation_table(), 2),
+        "latency_breakdown": lambda: latency_breakdown(simulation_table(), 0.5, 2),
+    }[figure]()
     assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
     fig.draw_without_rendering()  # runs the constrained layout
     legend = fig.legends[0].get_window_extent()
-    assert all(legend.x0 >= ax.get_window_extent().x1 for ax in fig.axes)  # right of both panels
+    assert all(legend.x0 >= ax.get_window_extent().x1 for ax in fig.axes)  # right of every panel
 
 
 def test_reliability_panels_say_their_ece_and_token_count():
