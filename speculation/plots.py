@@ -82,13 +82,6 @@ def method_style(method: str, role: str, kind: str, seeds: int = 1) -> dict[str,
             "linewidth": 2.6 if seeds > 1 else 1.4}  # fmt: skip
 
 
-def _style_of(rows: pd.DataFrame, method: str) -> dict[str, object]:
-    first = rows.iloc[0]
-    role = str(first["role"]) if "role" in rows else "trained"
-    kind = str(first["kind"]) if "kind" in rows else method.split("-")[0]
-    return method_style(method, role, kind, int(first["seeds"]) if "seeds" in rows else 1)
-
-
 def accuracy_vs_lookahead(aggregate: pd.DataFrame, budget: int) -> Figure:
     """Top-1 accuracy (with its bootstrap CI) and recall@B vs lookahead d, one line per method, the legend
     outside the axes."""
@@ -96,7 +89,8 @@ def accuracy_vs_lookahead(aggregate: pd.DataFrame, budget: int) -> Figure:
     axes = fig.subplots(1, 2, sharex=True)
     for method, rows in aggregate.groupby("method", sort=False):
         rows = rows.sort_values("lookahead")
-        style = _style_of(rows, str(method))
+        first = rows.iloc[0]  # metrics.csv's role, kind and seeds are the same in every row of a method
+        style = method_style(str(method), str(first["role"]), str(first["kind"]), int(first["seeds"]))
         axes[0].plot(rows["lookahead"], rows["top1_acc"], label=method, **style)
         axes[0].fill_between(
             rows["lookahead"], rows["top1_ci_low"], rows["top1_ci_high"], color=style["color"], alpha=0.12

@@ -25,7 +25,7 @@ from speculation.io import atomic_path, atomic_write_json
 from speculation.markdown import to_markdown
 from speculation.plots import cache_sweep, latency_breakdown
 from speculation.predictors.base import Predictor
-from speculation.predictors.trained import TrainedPredictor
+from speculation.predictors.trained import TrainedPredictor, kind_of
 from speculation.traces import TraceStore
 from speculation.workdir import SIMULATION_CSV, SIMULATION_JSON
 
@@ -63,7 +63,7 @@ def simulate(
     trace = rank_predictions(store, split, predictors, sim.max_tokens, max(sim.lookaheads), sim.ranked_experts)
     labels = {"hardware": hardware.name, "target": target.name}
     frame, stats = simulate_sweep(trace, sim, timing, hardware.launch_us * 1e-6, labels)
-    kinds = {m.name: m.kind if isinstance(m, TrainedPredictor) else m.name for m in predictors}
+    kinds = {m.name: kind_of(m) for m in predictors}
     frame.insert(frame.columns.get_loc("predictor") + 1, "predictor_kind", frame["predictor"].map(kinds))
     frame = pd.concat([pd.DataFrame(identity or {}, index=frame.index), frame], axis=1)
     stats = {

@@ -162,3 +162,9 @@ class TrainedPredictor(Predictor):
         probs, confidence = self._outputs(batch)
         columns = [d - 1 for d in lookaheads]
         return Prediction(probs_NDE=probs[:, layer, columns], confidence_ND=confidence[:, layer, columns])
+
+
+def kind_of(method: Predictor) -> str:
+    """What metrics.csv's ``kind`` and simulation.csv's ``predictor_kind`` say of a method: a trained predictor's
+    model kind, else (a heuristic or baseline) its own name."""
+    return method.kind if isinstance(method, TrainedPredictor) else method.name

@@ -33,7 +33,7 @@ from speculation.locks import locked
 from speculation.plots import save_figure
 from speculation.predictors.base import Predictor
 from speculation.predictors.loading import build_heuristics, load_trained_predictors
-from speculation.predictors.trained import TrainedPredictor
+from speculation.predictors.trained import TrainedPredictor, kind_of
 from speculation.stages.job import apply_threads
 from speculation.traces import TraceStore
 from speculation.traces.analysis import trace_identity
@@ -124,7 +124,7 @@ def score(cfg: EvaluateConfig, store: TraceStore, methods: list[Predictor], skip
     )
     result.skipped = skipped
     groups = {m.name: m.group for m in methods if isinstance(m, TrainedPredictor)}
-    kinds = {m.name: m.kind if isinstance(m, TrainedPredictor) else m.name for m in methods}
+    kinds = {m.name: kind_of(m) for m in methods}
     frame = report.seed_means(report.metrics_frame(result, kinds, run_identity(cfg, store)), groups)
     context = {
         "model": store.manifest.model_name,
