@@ -98,3 +98,17 @@ def test_the_reports_tables_come_from_the_seed_averaged_frame(evaluated):
     report = (Workdir(workdir).eval() / REPORT_FILE).read_text()
     for _, row in headline.iterrows():  # every headline row is in the report, with its ms/token
         assert f"{row['ms_per_token']:.3f}" in report
+
+
+def test_an_on_demand_headline_gets_a_share_of_the_oracle_at_the_headline_lookahead():
+    # Hand-made: prefetching loses to on-demand LFU, whose rows sit at lookahead 0 where there is no oracle.
+    rows = [("on_demand", "lru", 0, 1.0), ("on_demand", "lfu", 0, 0.9), ("oracle", "lfu", 2, 0.5),
+            ("oracle", "lru", 2, 0.6), ("predictor_topb", "lru", 2, 1.1)]  # fmt: skip
+    table = pd.DataFrame(
+        [{"policy": p, "eviction": e, "lookahead": d, "ms_per_token": ms, "cache_fraction": 0.5, "predictor": "",
+          "seeds": 1, "budget": 1, "speedup_vs_on_demand": 1.0 / ms, "oracle_gain_fraction": np.nan}
+         for p, e, d, ms in rows]
+    )  # fmt: skip
+    numbers = tables.headline_numbers(table, 0.5, 2)
+    assert numbers["best_policy"] == "on_demand/lfu" and numbers["best_eviction_oracle_ms_per_token"] == 0.5
+    assert numbers["best_oracle_gain_fraction"] == pytest.approx((1.0 - 0.9) / (1.0 - 0.5))  # 0.2

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import pytest
 from conftest import TINY_COLLECT, compose_config
+from hf_tiny import save_tiny
 
-from speculation.stages.pipeline import pipeline
+from speculation.config import to_object
+from speculation.config.evaluate import EvalConfig
+from speculation.config.rules import fit_to_geometry
+from speculation.config.simulate import SimConfig
+from speculation.config.stages import PipelineConfig
+from speculation.stages.pipeline import pipeline, planned_geometry
 from speculation.workdir import Workdir
 
 
@@ -22,3 +28,24 @@ def test_a_lookahead_past_the_models_layers_fails_before_collecting(tmp_path):
     with pytest.raises(ValueError, match=r"eval.max_lookahead=5 but the traces have 4 MoE layers"):
         pipeline(cfg)
     assert not workdir.exists()  # nothing was trained or traced
+
+
+def test_an_hf_models_geometry_is_checked_before_it_is_loaded_or_traced(tmp_path):
+    # tiny Mixtral: 2 MoE layers of 4 experts, top-2; read from config.json, so nothing is written before the error
+    checkpoint = save_tiny("mixtral", tmp_path / "checkpoint")
+    workdir = tmp_path / "work"
+    overrides = [*TINY_COLLECT, "model=hf", f"model.path={checkpoint}", f"workdir={workdir}"]
+    cfg = compose_config("pipeline", [*overrides, "sim.lookaheads=[1,2]", "sim.cache_fractions=[0.1,0.5]"])
+    with pytest.raises(ValueError, match=r"sim.lookaheads has \[2\] .*\n- sim.cache_fractions has 0.1: 1 expert slots"):
+        pipeline(cfg)
+    assert not workdir.exists()
+    planned = planned_geometry(to_object(compose_config("pipeline", overrides), PipelineConfig))
+    eval_cfg, sim = fit_to_geometry(EvalConfig(), SimConfig(), planned)  # what the defaults become: d = 1 only
+    assert (planned.num_layers, eval_cfg.max_lookahead, sim.lookaheads, sim.headline_lookahead) == (2, 1, [1], 1)
+
+
+def test_the_encoder_stack_of_a_decoder_only_model_is_refused_at_start(tmp_path):
+    cfg = compose_config("pipeline", [*TINY_COLLECT, f"workdir={tmp_path / 'work'}", "eval.stack=encoder"])
+    with pytest.raises(ValueError, match=r"eval.stack=encoder but the embedded model is decoder-only"):
+        pipeline(cfg)
+    assert not (tmp_path / "work").exists()

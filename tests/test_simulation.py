@@ -86,7 +86,7 @@ def test_confidence_thresholds_must_be_ordered_and_default_to_the_break_even():
 
 def test_a_headline_outside_the_sweep_is_refused():
     with pytest.raises(ValueError, match=r"sim.headline_lookahead=2 is not one of sim.lookaheads=\[1, 3\]"):
-        SimConfig(lookaheads=[1, 3])
+        SimConfig(lookaheads=[1, 3], headline_lookahead=2)
     with pytest.raises(ValueError, match=r"sim.headline_fraction=0.5 is not one of sim.cache_fractions=\[0.25\]"):
         SimConfig(cache_fractions=[0.25])
     assert SimConfig(cache_fractions=[0.25, 0.1 + 0.4], headline_fraction=0.5).headline_cache_fraction == 0.1 + 0.4

@@ -15,9 +15,10 @@ from conftest import compose_config
 from hf_tiny import FAMILIES, save_tiny
 
 from speculation.config.model import ModelConfig, ModelKind
-from speculation.models.hf import load_hf_model
+from speculation.models.hf import hf_skeleton, load_hf_model
 from speculation.stages.collect import collect
 from speculation.traces import TraceStore
+from speculation.tracing.registry import stack_geometry
 
 # Families whose selection is plain top-k of the logits. Switch (capacity) and DeepSeek (group limits, V3's
 # biased sigmoid) are checked against re-derivations of their own rules in test_hf_adapters.py.
@@ -87,6 +88,18 @@ def test_trace_store_matches_the_models_own_router_outputs(collected):
                 capacity = store.manifest.raw["routing"]["expert_capacity"]
                 selected = np.where(arrival <= capacity, choice, -1)
                 np.testing.assert_array_equal(stored[stack]["experts"][:, layer, 0], selected)
+
+
+def test_the_skeleton_knows_the_traced_geometry_before_any_weight_is_read(collected):
+    # What spec-pipeline checks its lookaheads and cache fractions against at start equals the manifest's sizes.
+    family, checkpoint, workdir = collected
+    skeleton = hf_skeleton(ModelConfig(kind=ModelKind.hf, path=str(checkpoint)))
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    assert stack_geometry(skeleton, "decoder") == TraceStore.open(workdir / "traces").manifest.sizes
+    if family == "switch_transformers":
+        assert stack_geometry(skeleton, "encoder") == TraceStore.open(workdir / "traces" / "encoder").manifest.sizes
+    else:
+        assert stack_geometry(skeleton, "encoder") is None
 
 
 def test_manifest_records_geometry_and_router_parameters(collected):

@@ -10,6 +10,7 @@ copies), so hit / miss / prefetch counts agree by construction and the table com
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import hydra
@@ -24,7 +25,7 @@ from speculation.cache.simulation import check_predictor_costs, policy_runs
 from speculation.cache.timing import TimingModel, resolve_target
 from speculation.cli import one_line_errors, run_console
 from speculation.config import CONF_DIR, to_object
-from speculation.config.rules import cache_slots, check_evaluation
+from speculation.config.rules import cache_slots, fitted_evaluation
 from speculation.config.stages import EvaluateConfig
 from speculation.io import atomic_path
 from speculation.predictors.loading import build_heuristics, load_trained_predictors
@@ -66,7 +67,8 @@ def validate(cfg: DictConfig | EvaluateConfig) -> pd.DataFrame:
     require_cuda()
     workdir = Workdir(cfg.workdir)
     store = TraceStore.open(workdir.traces())
-    check_evaluation(cfg.eval, cfg.sim, store.manifest.sizes, str(store.root))
+    eval_cfg, sim = fitted_evaluation(cfg.eval, cfg.sim, store.manifest.sizes, str(store.root))
+    cfg = dataclasses.replace(cfg, eval=eval_cfg, sim=sim)
     target = resolve_target(cfg.target, store.manifest)
     timing = TimingModel.from_profiles(cfg.hardware, target)
     gate, _ = build_heuristics(["gate_lookahead"], store, cfg.eval.seed)

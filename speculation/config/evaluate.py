@@ -28,7 +28,9 @@ class EvalConfig:
 
     split: str = "test"  # the traced split scored (predictors are fitted on train)
     stack: str = "decoder"  # decoder: workdir/traces; encoder: workdir/traces/encoder (encoder-decoder models)
-    max_lookahead: int = 3  # lookaheads d = 1..max_lookahead
+    # lookaheads d = 1..max_lookahead; None: 1..3, fewer if the traces have fewer than 4 MoE layers
+    # (speculation.config.rules.fit_to_geometry fills it in once the traced geometry is known)
+    max_lookahead: int | None = None
     prefetch_budget: int = 2  # budget of recall@budget: experts prefetched per token and layer
     methods: list[str] = field(default_factory=lambda: list(HEURISTIC_METHODS))  # baselines and heuristics
     bootstrap: int = 1000  # document resamples for confidence intervals
@@ -38,8 +40,10 @@ class EvalConfig:
     miss_window: int = 4  # a would-be miss: the target expert was used by none of the previous miss_window tokens
 
     def __post_init__(self) -> None:
-        for name in ("max_lookahead", "prefetch_budget", "block_rows", "miss_window"):
+        for name in ("prefetch_budget", "block_rows", "miss_window"):
             positive(f"eval.{name}", getattr(self, name))
+        if self.max_lookahead is not None:
+            positive("eval.max_lookahead", self.max_lookahead, "Use null for what the traced model allows.")
         check_seed("eval.seed", self.seed)
         if self.max_tokens is not None:
             positive("eval.max_tokens", self.max_tokens, "Use null for the whole split.")

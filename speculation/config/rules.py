@@ -4,10 +4,15 @@ The rules between fields of one schema live in its ``__post_init__`` (``sim.head
 ``sim.lookaheads``, say); the rules here compare the config with the traces: how many MoE layers there are (a
 lookahead must leave a target layer), how many experts (a budget cannot exceed them) and how many experts one
 token uses per layer (a cache must hold at least one layer's). All problems are reported together, in one error.
+
+The keys left at ``null`` (``eval.max_lookahead``, ``sim.lookaheads``, ``sim.headline_lookahead``,
+``sim.cache_fractions``) mean "the defaults, as far as the traced model allows": :func:`fit_to_geometry` fills them
+in, so a 2-MoE-layer model runs with d = 1 out of the box, while a value the user typed that cannot fit is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from speculation.config.evaluate import EvalConfig
@@ -29,9 +34,44 @@ def cache_slots(fraction: float, num_layers: int, num_experts: int) -> int:
     return round(fraction * num_layers * num_experts)
 
 
+DEFAULT_LOOKAHEADS = (1, 2, 3)  # what eval.max_lookahead / sim.lookaheads = null ask for, where they fit
+DEFAULT_HEADLINE_LOOKAHEAD = 2
+DEFAULT_CACHE_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def fit_to_geometry(eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry) -> tuple[EvalConfig, SimConfig]:
+    """``eval`` and ``sim`` with every ``null`` key filled in from the defaults that fit ``geometry``; the keys the
+    user set are kept as they are (:func:`evaluation_problems` then says if they do not fit)."""
+    if geometry.num_layers < 2:
+        return eval_cfg, sim  # nothing fits; evaluation_problems says why
+    reachable = [d for d in DEFAULT_LOOKAHEADS if d < geometry.num_layers]
+    if eval_cfg.max_lookahead is None:
+        eval_cfg = dataclasses.replace(eval_cfg, max_lookahead=max(reachable, default=0))
+    lookaheads = sim.lookaheads if sim.lookaheads is not None else reachable
+    headline = sim.headline_lookahead
+    if headline is None:
+        headline = min(lookaheads, key=lambda d: abs(d - DEFAULT_HEADLINE_LOOKAHEAD), default=0)
+    fractions = sim.cache_fractions
+    if fractions is None:
+        fractions = [
+            f for f in DEFAULT_CACHE_FRACTIONS
+            if cache_slots(f, geometry.num_layers, geometry.num_experts) >= geometry.experts_per_token
+        ]  # fmt: skip
+    # replace() runs SimConfig's own checks again, on the values filled in
+    sim = dataclasses.replace(sim, lookaheads=lookaheads, headline_lookahead=headline, cache_fractions=fractions)
+    return eval_cfg, sim
+
+
 def evaluation_problems(eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry) -> list[str]:
-    """Every way ``eval`` and ``sim`` do not fit ``geometry``, as one line each naming the key and the fix."""
+    """Every way ``eval`` and ``sim`` (their ``null`` keys filled in by :func:`fit_to_geometry`) do not fit
+    ``geometry``, as one line each naming the key and the fix."""
     num_layers = geometry.num_layers
+    if num_layers < 2:
+        return [
+            f"the traces have {num_layers} MoE layer: speculation predicts the experts of a later MoE layer, so the "
+            "model needs at least 2. Trace a model with more MoE layers."
+        ]
+    eval_cfg, sim = fit_to_geometry(eval_cfg, sim, geometry)
     problems = []
     if eval_cfg.max_lookahead >= num_layers:
         problems.append(
@@ -76,3 +116,11 @@ def check_evaluation(eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry, w
     if problems:
         lines = "\n".join(f"- {problem}" for problem in problems)
         raise UserError(f"the config does not fit the traces in {where}:\n{lines}")
+
+
+def fitted_evaluation(
+    eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry, where: str
+) -> tuple[EvalConfig, SimConfig]:
+    """The config a stage runs with (:func:`fit_to_geometry`), or one clear error (:func:`check_evaluation`)."""
+    check_evaluation(eval_cfg, sim, geometry, where)
+    return fit_to_geometry(eval_cfg, sim, geometry)

@@ -83,8 +83,10 @@ class SimConfig:
 
     enabled: bool = True
     max_tokens: int = 20000  # replay the split's first tokens (whole sequences), in order, as one decode stream
-    cache_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875])
-    lookaheads: list[int] = field(default_factory=lambda: [1, 2, 3])  # layers ahead a prefetch is issued
+    # share of all (layer, expert) weights on the GPU; None: the eighths 1/8..7/8 that hold at least one token's
+    # experts of a layer (speculation.config.rules.fit_to_geometry fills in every None once the traces are known)
+    cache_fractions: list[float] | None = None
+    lookaheads: list[int] | None = None  # layers ahead a prefetch is issued; None: 1..3 where the model has them
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     evictions: list[str] = field(default_factory=lambda: list(EVICTIONS))
     budgets: list[int] = field(default_factory=lambda: [1, 2])  # predictor_topb: experts prefetched per layer
@@ -101,14 +103,22 @@ class SimConfig:
     # mean step (us_per_step_mean) instead of predictor_us
     predictor_profile: str | None = None
     headline_fraction: float = 0.5  # the cache fraction the report's main table shows
-    headline_lookahead: int = 2
+    headline_lookahead: int | None = None  # None: 2, or the swept lookahead nearest to it
 
     def __post_init__(self) -> None:
         positive("sim.max_tokens", self.max_tokens)
-        require(self.cache_fractions, "sim.cache_fractions is empty; give at least one fraction in (0, 1].")
-        for fraction in self.cache_fractions:
-            require(0 < fraction <= 1, f"sim.cache_fractions has {fraction}; each must be in (0, 1].")
-        require(self.lookaheads and min(self.lookaheads) >= 1, f"sim.lookaheads={self.lookaheads} must be >= 1.")
+        if self.cache_fractions is not None:
+            require(
+                bool(self.cache_fractions),
+                "sim.cache_fractions is empty; give at least one fraction in (0, 1], or null for the defaults.",
+            )
+            for fraction in self.cache_fractions:
+                require(0 < fraction <= 1, f"sim.cache_fractions has {fraction}; each must be in (0, 1].")
+        if self.lookaheads is not None:
+            require(
+                bool(self.lookaheads) and min(self.lookaheads) >= 1,
+                f"sim.lookaheads={self.lookaheads} must be >= 1 (or null: 1..3 where the traced model has them).",
+            )
         unknown = [p for p in self.policies if p not in POLICIES]
         require(not unknown, f"sim.policies has unknown policy(ies) {unknown}; choose from {POLICIES}.")
         unknown = [e for e in self.evictions if e not in EVICTIONS]
@@ -131,16 +141,18 @@ class SimConfig:
                 "benchmarks/predictor_cost_bench.py --out PATH, or set sim.predictor_profile=null.",
             )
         require(self.predictor_us >= 0, f"sim.predictor_us={self.predictor_us} must be >= 0.")
-        require(
-            any(math.isclose(self.headline_fraction, f) for f in self.cache_fractions),
-            f"sim.headline_fraction={self.headline_fraction} is not one of sim.cache_fractions={self.cache_fractions}; "
-            "add it to sim.cache_fractions or pick one of those.",
-        )
-        require(
-            self.headline_lookahead in self.lookaheads,
-            f"sim.headline_lookahead={self.headline_lookahead} is not one of sim.lookaheads={self.lookaheads}; "
-            "add it to sim.lookaheads or pick one of those.",
-        )
+        if self.cache_fractions is not None:
+            require(
+                any(math.isclose(self.headline_fraction, f) for f in self.cache_fractions),
+                f"sim.headline_fraction={self.headline_fraction} is not one of sim.cache_fractions="
+                f"{self.cache_fractions}; add it to sim.cache_fractions or pick one of those.",
+            )
+        if self.lookaheads is not None and self.headline_lookahead is not None:
+            require(
+                self.headline_lookahead in self.lookaheads,
+                f"sim.headline_lookahead={self.headline_lookahead} is not one of sim.lookaheads={self.lookaheads}; "
+                "add it to sim.lookaheads or pick one of those.",
+            )
 
     @property
     def ranked_experts(self) -> int:

@@ -8,6 +8,7 @@ Every rule between the config and the traces is checked before the first step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from speculation.cache.report import headline_sentence as simulation_headline
 from speculation.cache.report import markdown_sections as simulation_sections
 from speculation.cache.simulation import check_predictor_costs
 from speculation.config import to_object
-from speculation.config.rules import check_evaluation
+from speculation.config.rules import fitted_evaluation
 from speculation.config.stages import EvaluateConfig
 from speculation.environment import environment
 from speculation.evaluation import report, tables
@@ -52,15 +53,16 @@ class Scores:
     context: dict  # the setting the report's header states
 
 
-def open_traces(cfg: EvaluateConfig, verify: bool = True) -> TraceStore:
-    """The store of ``eval.stack``, with every rule between the config and these traces checked.
+def open_traces(cfg: EvaluateConfig, verify: bool = True) -> tuple[TraceStore, EvaluateConfig]:
+    """The store of ``eval.stack``, and ``cfg`` fitted to it (its ``null`` lookaheads and cache fractions filled
+    in from the traced geometry), with every rule between the config and these traces checked.
 
     ``verify``: hash every shard against the manifest (``TraceStore.open``); the rules need the manifest only.
     """
     store = TraceStore.open(Workdir(cfg.workdir).traces(cfg.eval.stack), verify=verify)
-    check_evaluation(cfg.eval, cfg.sim, store.manifest.sizes, str(store.root))
+    eval_cfg, sim = fitted_evaluation(cfg.eval, cfg.sim, store.manifest.sizes, str(store.root))
     check_split(store, cfg.eval.split)
-    return store
+    return store, dataclasses.replace(cfg, eval=eval_cfg, sim=sim)
 
 
 def methods_for(cfg: EvaluateConfig, store: TraceStore) -> tuple[list[Predictor], dict[str, str]]:
@@ -199,7 +201,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
 
 
 def _evaluate(cfg: EvaluateConfig) -> dict:
-    store = open_traces(cfg)
+    store, cfg = open_traces(cfg)
     methods, skipped = methods_for(cfg, store)
     if cfg.sim.enabled:
         check_predictor_costs(cfg.sim, [m.kind for m in methods if isinstance(m, TrainedPredictor)])

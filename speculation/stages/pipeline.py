@@ -4,40 +4,74 @@
 (them, every heuristic and baseline, on held-out documents; then the prefetch-cache simulation) and
 ``eval/report.md``. Each stage is the same pure function its own console script wraps, so ``spec-pipeline X=Y``
 equals running the stages one by one with X=Y. The rules between the evaluation config and the traced geometry are
-checked before the first stage where the geometry is known from the config (the embedded model), and right after
-collection otherwise, so a config that cannot be evaluated fails before any training.
+checked before the first stage: the geometry comes from the config for the embedded model and from the
+checkpoint's config.json (a meta-device skeleton, no weights) for an HF model, so a lookahead or cache fraction
+that cannot fit fails before anything is trained or traced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 
 from omegaconf import DictConfig
 
 from speculation.config import to_object
-from speculation.config.model import ModelKind
-from speculation.config.rules import Geometry, check_evaluation
+from speculation.config.model import ModelConfig, ModelKind, RouterConfig
+from speculation.config.rules import Geometry, fitted_evaluation
 from speculation.config.stages import PipelineConfig
+from speculation.errors import UserError
+from speculation.models.hf import hf_skeleton
 from speculation.stages.collect import collect
 from speculation.stages.evaluate import evaluate, open_traces
 from speculation.stages.train import train
-from speculation.workdir import REPORT_FILE, Workdir
+from speculation.tracing.registry import stack_geometry
+from speculation.workdir import CONFIG_FILE, REPORT_FILE, Workdir
 
 log = logging.getLogger(__name__)
 
 
-def check_embedded_geometry(cfg: PipelineConfig) -> None:
-    """The evaluation rules against the embedded model's geometry, known before anything is trained."""
-    if cfg.model.kind == ModelKind.embedded and cfg.eval.stack == "decoder":
-        geometry = Geometry(len(cfg.model.moe_layers), cfg.model.num_experts, cfg.router.max_experts_per_token)
-        check_evaluation(cfg.eval, cfg.sim, geometry, f"the traces of model={cfg.model.display_name}")
+def embedded_geometry(model: ModelConfig, router: RouterConfig) -> Geometry:
+    return Geometry(len(model.moe_layers), model.num_experts, router.max_experts_per_token)
+
+
+def planned_geometry(cfg: PipelineConfig) -> Geometry | None:
+    """The geometry of the traces ``eval.stack`` will hold, from the config alone (no training, no weights);
+    ``None`` where it cannot be known yet (a ``model.source_workdir`` without its model: collect says so first)."""
+    if cfg.model.kind == ModelKind.embedded:
+        if cfg.eval.stack != "decoder":
+            raise UserError(
+                f"eval.stack={cfg.eval.stack} but the embedded model is decoder-only; use eval.stack=decoder."
+            )
+        if cfg.model.source_workdir is None:
+            return embedded_geometry(cfg.model, cfg.router)
+        saved = Workdir(cfg.model.source_workdir).source_model / CONFIG_FILE  # that model's own architecture
+        if not saved.is_file():
+            return None
+        config = json.loads(saved.read_text())
+        model = ModelConfig(**{**config["model"], "kind": ModelKind(config["model"]["kind"])})
+        return embedded_geometry(model, RouterConfig.from_json(config["router"]))
+    geometry = stack_geometry(hf_skeleton(cfg.model), cfg.eval.stack)
+    if geometry is None:
+        raise UserError(
+            f"eval.stack={cfg.eval.stack} but {cfg.model.display_name} has no MoE layer in its {cfg.eval.stack}; use "
+            "eval.stack=decoder."
+        )
+    return geometry
+
+
+def check_at_start(cfg: PipelineConfig) -> None:
+    """Every rule between the evaluation config and the traced geometry, before the first stage."""
+    geometry = planned_geometry(cfg)
+    if geometry is not None:
+        fitted_evaluation(cfg.eval, cfg.sim, geometry, f"the traces of model={cfg.model.display_name}")
 
 
 def collect_and_check(cfg: PipelineConfig) -> None:
     collect(cfg)
-    open_traces(cfg, verify=False)  # HF models' rules, on the traced geometry, before any training (train verifies)
+    open_traces(cfg, verify=False)  # the same rules on the manifest written (train verifies the shards)
 
 
 def train_all(cfg: PipelineConfig) -> None:
@@ -55,7 +89,7 @@ STAGES = {"collect": collect_and_check, "train": train_all, "evaluate": evaluate
 def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:
     """Run every stage; returns each stage's wall time in seconds."""
     cfg = to_object(cfg, PipelineConfig)
-    check_embedded_geometry(cfg)
+    check_at_start(cfg)
     timings = {}
     for name, stage in STAGES.items():
         started = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from speculation.config.rules import Geometry
 from speculation.errors import UserError
 from speculation.tracing.adapters import EmbeddedSwitchAdapter, ModelAdapter
 from speculation.tracing.hf_adapters import SwitchTransformersAdapter, TopKRouterAdapter
@@ -45,3 +46,15 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise UserError(
         f"{type(model).__name__} is not a supported MoE model; supported families: {', '.join(sorted(ADAPTERS))}."
     )
+
+
+def stack_geometry(model: nn.Module, stack: str) -> Geometry | None:
+    """What the config's rules check (``speculation.config.rules``) for the traces ``stack`` of ``model`` would
+    have: its MoE layers, experts and expert slots per token, as the manifest will record them; ``None`` if the
+    model has no MoE layer in that stack. Works on a meta-device skeleton (``speculation.models.hf.hf_skeleton``)."""
+    adapter = find_adapter(model)
+    layers = [site for site in adapter.sites(model) if site.stack == stack]
+    if not layers:
+        return None
+    geometry = adapter.geometry(model)
+    return Geometry(len(layers), geometry["num_experts"], geometry["top_k"])
