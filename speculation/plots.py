@@ -191,26 +191,44 @@ def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int) -> F
     return fig
 
 
-def cache_sweep(table: pd.DataFrame, lookahead: int) -> Figure:
-    """ms/token and hit rate vs cache fraction, one line per policy (LRU eviction, largest budget shown once)."""
-    rows = table[(table["eviction"] == "lru") & table["lookahead"].isin([0, lookahead])]
-    groups = list(rows.groupby(rows.apply(_policy_label, axis=1), sort=False))
-    fig = Figure(figsize=(14, max(4.4, 0.15 * len(groups) + 0.8)), layout="constrained")  # the legend's height
+# One look per simulated policy, the same in every figure: the references grey/black dashed, gate-lookahead purple
+# as in the accuracy figures, each predictor-driven policy a colour and marker of its own.
+_POLICY_STYLES = {
+    "on_demand": {"color": "0.5", "marker": "x", "linestyle": "--", "linewidth": 1.2},
+    "oracle": {"color": "0.1", "marker": "*", "linestyle": "--", "linewidth": 1.2},
+    "gate_lookahead": {"color": "tab:purple", "marker": "s", "linestyle": "-.", "linewidth": 1.6},
+    "predictor_topb": {"color": "tab:blue", "marker": "o", "linestyle": "-", "linewidth": 1.4},
+    "predictor_confidence": {"color": "tab:cyan", "marker": "v", "linestyle": "-", "linewidth": 1.4},
+    "cost_aware": {"color": "tab:green", "marker": "D", "linestyle": "-", "linewidth": 1.6},
+    "cost_aware_multi": {"color": "tab:red", "marker": "P", "linestyle": "-", "linewidth": 2.2},
+}
+
+
+def policy_style(policy: str, eviction: str) -> dict[str, object]:
+    """matplotlib line keywords for a simulated policy; on-demand with another eviction than LRU is dotted."""
+    style = dict(_POLICY_STYLES.get(policy, {"color": "tab:olive", "marker": "h", "linestyle": "-"}))
+    if policy == "on_demand" and eviction != "lru":
+        style["linestyle"] = ":"
+    return style
+
+
+def cache_sweep(lines: pd.DataFrame, fraction: float, lookahead: int) -> Figure:
+    """ms/token and hit rate vs cache fraction, one line per policy (``speculation.cache.tables.sweep_lines``: each
+    policy's configuration that is fastest at the headline ``fraction``), the legend outside the axes."""
+    fig = Figure(figsize=(13, 4.4), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
-    colors = matplotlib.colormaps["tab20"](np.linspace(0, 1, max(len(groups), 2)))
-    for (label, line), color in zip(groups, colors, strict=True):
-        line = line.sort_values("cache_fraction")
-        # references (on-demand, oracle) dashed, the fixed budgets above one expert dotted
-        policy, budget = line["policy"].iloc[0], line["budget"].iloc[0]
-        fixed_wide = policy in ("gate_lookahead", "predictor_topb") and budget > 1
-        style = "--" if policy in ("on_demand", "oracle") else ":" if fixed_wide else "-"
+    for label, line in lines.groupby("label", sort=False):
+        style = policy_style(str(line["policy"].iloc[0]), str(line["eviction"].iloc[0]))
         for ax, column in zip(axes, ("ms_per_token", "hit_rate"), strict=True):
-            ax.plot(line["cache_fraction"], line[column], style, color=color, marker="o", ms=3, label=label)
+            ax.plot(line["cache_fraction"], line[column], ms=4, label=label, **style)
     axes[0].set_ylabel("ms per token")
     axes[1].set_ylabel("hit rate (expert resident when its layer runs)")
     for ax in axes:
         ax.set_xlabel("cache fraction (share of all experts on the GPU)")
+        ax.axvline(fraction, color="0.8", linewidth=0.8, zorder=0)
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
-    fig.suptitle(f"prefetch policies vs cache size (lookahead {lookahead}, LRU eviction)")
+    title = f"each policy's fastest predictor, eviction\nand budget at cache {fraction:.0%} (grey line)"
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title=title, title_fontsize=8)
+    fig.suptitle(f"prefetch policies vs cache size (lookahead {lookahead})")
     return fig

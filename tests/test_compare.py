@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_SIM
 
 from speculation.errors import UserError
-from speculation.stages.compare import cli, compare, spread_table, write_comparison
+from speculation.stages.compare import cli, compare, config_value, differing_keys, spread_table, write_comparison
 
 IDENTITY = ["workdir", "model", "router", "corpus", "corpus_fingerprint", "corpus_documents", "traces_fingerprint"]
 PER_ROW = ["method", "seeds", "role", "kind", "lookahead", "top1_acc", "recall_at_budget", "miss_top1_acc", "ece", "kl"]
@@ -70,3 +70,12 @@ def test_workdirs_compare_directly_and_bad_paths_are_one_clear_error(evaluated, 
         cli([str(tmp_path), "--out", str(tmp_path / "out")])
     assert capsys.readouterr().err.startswith(f"error: {tmp_path} is neither a workdir")
     assert not (tmp_path / "out").exists()  # nothing written for a refused request
+
+
+def test_a_null_config_value_is_a_value_of_its_own_not_nan():
+    # router=top1 vs router=capacity: capacity_factor null vs 1.25; a key only one config has is "" elsewhere
+    configs = [{"router.capacity_factor": None, "router.k": 1}, {"router.capacity_factor": 1.25, "router.k": 1,
+                                                                  "extra": 3}]  # fmt: skip
+    assert differing_keys(configs) == ["extra", "router.capacity_factor"]
+    assert [config_value(c, "router.capacity_factor") for c in configs] == ["null", 1.25]
+    assert config_value(configs[0], "extra") == ""

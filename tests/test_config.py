@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 from conftest import CONF_DIR, ROUTER_PRESETS, compose_config
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from speculation.config import CollectConfig, Gate, PipelineConfig, to_object
+from speculation.config.stages import EvaluateConfig, TrainConfig, default_run_name
 
 
 @pytest.mark.parametrize("router", ROUTER_PRESETS)
@@ -79,16 +81,22 @@ def test_type_errors_fail_at_composition():
 
 
 # Presets that need a value no preset can know, and the value a user would give.
-REQUIRED = {"model=hf": ["model.path=/models/tiny"], "corpus=text_files": ["corpus.glob=docs/*.md"],
-            "corpus=hf_dataset": ["corpus.dataset=wikitext"]}  # fmt: skip
+REQUIRED = {
+    "model=hf": ["model.path=/models/tiny"],
+    "corpus=text_files": ["corpus.glob=docs/*.md"],
+    "corpus=hf_dataset": ["corpus.dataset=wikitext"],
+    "model=embedded_smoke": ["source_train.seq_len=64", "trace.seq_len=64"],
+}  # the smoke preset's model
 GROUPS = sorted(
     (path.parent.relative_to(CONF_DIR).as_posix(), path.stem)
     for path in CONF_DIR.rglob("*.yaml")
     if path.parent != CONF_DIR and path.parent.name != "hydra"  # conf/hydra/default.yaml is the hydra node itself
 )
+EXPERIMENTS = sorted(preset for group, preset in GROUPS if group == "experiment")  # global: tested on their own
+GROUP_OPTIONS = [(group, preset) for group, preset in GROUPS if group != "experiment"]
 
 
-@pytest.mark.parametrize(("group", "preset"), GROUPS, ids=[f"{g}={p}" for g, p in GROUPS])
+@pytest.mark.parametrize(("group", "preset"), GROUP_OPTIONS, ids=[f"{g}={p}" for g, p in GROUP_OPTIONS])
 def test_every_preset_of_every_group_composes_and_validates(group, preset):
     override = f"{group}={preset}"
     if group.startswith("hydra/"):
@@ -100,14 +108,83 @@ def test_every_preset_of_every_group_composes_and_validates(group, preset):
     pipeline = to_object(cfg, PipelineConfig)  # every __post_init__ runs on the preset's values
     values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{preset}.yaml"))  # "???" kept as is
     given = {item.split("=")[0] for item in REQUIRED.get(override, [])}
-    if group != "experiment":  # experiment files are global packages; the others land in their group's node
-        for key, value in values.items():
-            if key != "defaults" and f"{group}.{key}" not in given:  # a preset's own values win over its defaults
-                assert OmegaConf.select(cfg, f"{group}.{key}") == value, (key, value)
-    assert pipeline.workdir == ("outputs/smoke" if override == "experiment=smoke" else "outputs/default")
+    for key, value in values.items():
+        if key != "defaults" and f"{group}.{key}" not in given:  # a preset's own values win over its defaults
+            assert OmegaConf.select(cfg, f"{group}.{key}") == value, (key, value)
+    assert pipeline.workdir == "outputs/default"
 
 
 def test_every_group_of_conf_is_covered():
     groups = {group.split("/")[0] for group, _ in GROUPS}
     assert groups == {"corpus", "eval", "experiment", "hardware", "hydra", "logger", "loss", "model", "predictor",
                       "router", "sim", "source_train", "target", "trace", "train"}  # fmt: skip
+
+
+STAGES = {"collect": CollectConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "pipeline": PipelineConfig}
+# What each experiment preset's workdir is (router_sweep's names the swept router, resolved inside each job).
+WORKDIRS = {"checkpoint": "outputs/checkpoint", "debug": "outputs/debug", "gpu": "outputs/gpu",
+            "loss_ablation": "outputs/default", "router_sweep": "outputs/router_sweep/top1",
+            "smoke": "outputs/smoke"}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("preset", EXPERIMENTS)
+def test_every_experiment_preset_fits_every_stage(preset, stage):
+    overrides = [f"experiment={preset}"] + (["model.path=/models/tiny"] if preset == "checkpoint" else [])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # what a job sees: ${hydra:runtime.choices.router} resolves
+    try:
+        typed = to_object(cfg, STAGES[stage])  # every __post_init__ runs on the preset's values
+    finally:
+        HydraConfig.instance().cfg = None
+    assert typed.workdir == WORKDIRS[preset]
+
+
+def test_presets_cover_what_researchers_run():
+    assert {"smoke", "debug", "router_sweep", "loss_ablation", "gpu", "checkpoint"} <= set(EXPERIMENTS)
+
+
+def test_the_sweep_presets_sweep_what_they_say():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        routers = compose("pipeline", ["experiment=router_sweep"], return_hydra_config=True).hydra.sweeper.params
+        losses = compose("train", ["experiment=loss_ablation"], return_hydra_config=True).hydra.sweeper.params
+    assert routers.router.split(",") == ["top1", "topk", "capacity", "temperature", "span", "adaptive_k"]
+    assert set(losses.loss.split(",")) <= {p for g, p in GROUPS if g == "loss"} and losses.seed == "0,1,2"
+    names = {default_run_name("transformer", 0, [f"loss={variant}"]) for variant in losses.loss.split(",")}
+    assert len(names) == 7 and "transformer-loss=no_confidence-seed0" in names  # one run directory per variant
+
+
+def test_the_smoke_preset_keeps_an_hf_models_own_name():
+    cfg = to_object(compose_config("pipeline", ["experiment=smoke", "model=hf", "model.path=/models/mixtral-tiny"]),
+                    PipelineConfig)  # fmt: skip
+    assert cfg.model.display_name == "mixtral-tiny" and cfg.workdir == "outputs/smoke"
+    assert cfg.trace.max_tokens_per_split == 8000  # the rest of the preset still applies
+    assert to_object(compose_config("pipeline", ["experiment=smoke"]), PipelineConfig).model.name == "switch-lm-smoke"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_composes_every_group_so_any_preset_applies(stage):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        choices = compose(config_name=stage, return_hydra_config=True).hydra.runtime.choices
+    groups = {group.split("/")[0] for group, _ in GROUPS} - {"experiment", "hydra"}
+    assert groups <= set(choices)
+
+
+def test_the_gpu_preset_is_switch_base_8_sized():
+    import torch
+
+    from speculation.models.switch_lm import SwitchLM
+
+    cfg = to_object(compose_config("pipeline", ["experiment=gpu"]), PipelineConfig)
+    assert (cfg.model.d_model, cfg.model.d_ff, cfg.model.num_heads, cfg.model.moe_layers) == (
+        768, 3072, 12, [1, 3, 5, 7, 9, 11],
+    )  # fmt: skip
+    with torch.device("meta"):  # shapes only, nothing allocated
+        params = sum(p.numel() for p in SwitchLM(cfg.model, cfg.router).parameters())
+    ffn = 2 * 768 * 3072  # wi, wo without biases
+    by_hand = (6 * 8 * ffn + 6 * ffn  # 6 MoE layers of 8 experts, 6 dense FFNs
+               + 12 * 4 * 768**2  # q, k, v, out per layer
+               + 32768 * 768 + 512 * 768  # tied token embedding, positions
+               + (12 * 2 + 1) * 768 + 6 * 768 * 8)  # RMSNorm gains, routers  # fmt: skip
+    assert params == by_hand == 308_730_624 and cfg.device == "cuda"

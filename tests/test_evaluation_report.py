@@ -93,3 +93,18 @@ def test_a_split_of_few_documents_is_warned_about_and_a_large_one_is_not():
     assert few_documents_warning(MIN_DOCUMENTS_FOR_INTERVALS) == []
     (warning, blank) = few_documents_warning(7)
     assert warning.startswith("**Warning: only 7 held-out documents.**") and blank == ""
+    assert few_documents_warning(1)[0].startswith("**Warning: only 1 held-out document.**")
+
+
+def test_without_a_bootstrap_the_top1_cell_is_the_value_alone_not_nan():
+    from types import SimpleNamespace
+
+    from speculation.evaluation.report import bootstrap_wording, with_interval
+
+    assert with_interval(SimpleNamespace(top1_acc=0.8472, top1_ci_low=0.8381, top1_ci_high=0.856)) == (
+        "0.847 [0.838, 0.856]"
+    )
+    assert with_interval(SimpleNamespace(top1_acc=0.8472, top1_ci_low=float("nan"), top1_ci_high=float("nan"))) == (
+        "0.847"
+    )
+    assert bootstrap_wording(0).startswith("none") and "200 resamples" in bootstrap_wording(200)

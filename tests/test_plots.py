@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
 
+from speculation.cache.tables import sweep_lines
 from speculation.evaluation.tables import ROLES, role
 from speculation.plots import (
     accuracy_vs_lookahead,
@@ -62,7 +63,7 @@ def simulation_table() -> pd.DataFrame:
                                                          ("oracle", "", 1, 2)]
             for fraction in (0.25, 0.5)]  # fmt: skip
     table = pd.DataFrame(rows, columns=["policy", "predictor", "budget", "lookahead", "cache_fraction"])
-    return table.assign(eviction="lru", ms_per_token=1.5, hit_rate=0.6, compute_ms_per_token=1.0,
+    return table.assign(eviction="lru", seeds=1, ms_per_token=1.5, hit_rate=0.6, compute_ms_per_token=1.0,
                         stall_ms_per_token=0.5)  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def simulation_table() -> pd.DataFrame:
 def test_the_legend_sits_outside_the_axes(figure):
     fig = {
         "accuracy": lambda: accuracy_vs_lookahead(aggregate(["random", "transformer-seed0"]), 2),
-        "cache_sweep": lambda: cache_sweep(simulation_table(), 2),
+        "cache_sweep": lambda: cache_sweep(sweep_lines(simulation_table(), 0.5, 2), 0.5, 2),
         "latency_breakdown": lambda: latency_breakdown(simulation_table(), 0.5, 2),
     }[figure]()
     assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
@@ -90,3 +91,30 @@ def test_save_figure_writes_png_and_pdf(tmp_path):
     path = save_figure(accuracy_vs_lookahead(aggregate(["random"]), 2), tmp_path / "figures" / "a.png")
     assert path.read_bytes().startswith(b"\x89PNG") and path.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.pdf", "a.png"]  # no temporary file left
+
+
+def test_the_cache_sweep_draws_each_policy_once_with_its_fastest_configuration_at_the_headline():
+    # Hand-made: two predictors and two budgets for top-B, probe fastest at 50 % but not at 25 %; Belady faster still
+    rows = [
+        ("on_demand", "", 1, "lru", 0, 0.25, 3.0),
+        ("on_demand", "", 1, "lru", 0, 0.5, 2.0),
+        ("on_demand", "", 1, "belady", 0, 0.5, 1.0),
+        ("predictor_topb", "probe", 1, "lru", 2, 0.25, 2.0),
+        ("predictor_topb", "probe", 1, "lru", 2, 0.5, 1.2),
+        ("predictor_topb", "probe", 2, "lru", 2, 0.5, 1.4),
+        ("predictor_topb", "probe", 2, "lru", 2, 0.25, 1.0),
+        ("predictor_topb", "transformer", 1, "lru", 2, 0.5, 1.3),
+        ("predictor_topb", "transformer", 1, "lru", 2, 0.25, 1.9),
+        ("predictor_topb", "probe", 1, "lru", 3, 0.5, 0.5),
+    ]  # another lookahead: not this figure's
+    table = pd.DataFrame(rows, columns=["policy", "predictor", "budget", "eviction", "lookahead", "cache_fraction",
+                                        "ms_per_token"]).assign(seeds=1, hit_rate=0.5)  # fmt: skip
+    lines = sweep_lines(table, 0.5, 2)
+    assert sorted(lines["label"].unique()) == ["on_demand/lru", "predictor_topb/probe/lru/B1"]
+    topb = lines[lines["policy"] == "predictor_topb"]
+    assert topb["cache_fraction"].tolist() == [0.25, 0.5] and topb["ms_per_token"].tolist() == [2.0, 1.2]
+    fig = cache_sweep(lines, 0.5, 2)
+    drawn = {
+        line.get_label(): line.get_color() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")
+    }
+    assert drawn == {"on_demand/lru": "0.5", "predictor_topb/probe/lru/B1": "tab:blue"}  # the policy's fixed colour

@@ -49,7 +49,7 @@ def test_spec_evaluate_writes_every_file(evaluated):
     assert report.index("## Read this first") < report.index("## Setting") < report.index("## Lookahead d = 1")
     assert "of the oracle's gain**" in report and "## Columns" in report and "KL (nats)" in report
     documents = summary["documents"]  # the tiny fixture holds a handful of test documents: the report says so
-    assert documents < 20 and f"**Warning: only {documents} held-out documents.**" in report
+    assert documents < 20 and f"**Warning: only {documents} held-out document" in report
     assert "## Prefetch simulation: switch-base-8 experts on rtx3090" in report
     for name in ("accuracy_vs_lookahead", "reliability_d1", "layer_accuracy_d1", "latency_breakdown", "cache_sweep"):
         path = eval_dir / "figures" / f"{name}.png"

@@ -84,7 +84,7 @@ def figures(simulation: Simulation) -> dict[str, Figure]:
     table, fraction, lookahead = simulation.table, simulation.fraction, simulation.lookahead
     return {
         "latency_breakdown": latency_breakdown(table, fraction, lookahead),
-        "cache_sweep": cache_sweep(table, lookahead),
+        "cache_sweep": cache_sweep(tables.sweep_lines(table, fraction, lookahead), fraction, lookahead),
     }
 
 

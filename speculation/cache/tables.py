@@ -129,6 +129,20 @@ def sweep(table: pd.DataFrame, lookahead: int, eviction: str = "lru", column: st
     return rows.pivot_table(index=RUN, columns="cache_fraction", values=column, sort=False)
 
 
+def sweep_lines(table: pd.DataFrame, fraction: float, lookahead: int) -> pd.DataFrame:
+    """The cache-size figure's lines: for each policy, the one configuration (predictor, eviction, budget) that is
+    fastest at the headline ``fraction`` and ``lookahead``, over every cache fraction, with a ``label`` column
+    (:func:`policy_label`); and on-demand LRU, the speedups' reference. Belady eviction knows the future, so it is
+    no candidate (the oracle's own future knowledge is the point of that line)."""
+    rows = table[table["lookahead"].isin([0, lookahead]) & (table["eviction"] != "belady")]
+    at = rows[rows["cache_fraction"] == fraction]
+    chosen = [at.loc[group["ms_per_token"].idxmin(), RUN] for _, group in at.groupby("policy", sort=False)]
+    chosen += [at[(at["policy"] == "on_demand") & (at["eviction"] == "lru")][RUN].squeeze()]
+    keys = pd.DataFrame(chosen).drop_duplicates()
+    lines = rows.merge(keys, on=RUN).sort_values("cache_fraction")
+    return lines.assign(label=lines.apply(policy_label, axis=1))
+
+
 def equal_bytes(table: pd.DataFrame, fraction: float, lookahead: int, eviction: str = "lru") -> pd.DataFrame:
     """The confidence-driven budget against the fixed top-B budgets at the same bytes moved.
 

@@ -78,13 +78,18 @@ def seed_means(frame: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame(rows, columns=COLUMNS).astype(frame.dtypes)], ignore_index=True)
 
 
+def with_interval(row: Any) -> str:
+    """``0.847 [0.838, 0.856]``; the value alone where there is no interval (``eval.bootstrap=0``)."""
+    if np.isnan(row.top1_ci_low) or np.isnan(row.top1_ci_high):
+        return f"{row.top1_acc:.3f}"
+    return f"{row.top1_acc:.3f} [{row.top1_ci_low:.3f}, {row.top1_ci_high:.3f}]"
+
+
 def render_lookahead_table(table: pd.DataFrame, budget: int) -> str:
     shown = pd.DataFrame(
         {
             "method": tables.labels(table),
-            "top-1 [95 % CI]": [
-                f"{row.top1_acc:.3f} [{row.top1_ci_low:.3f}, {row.top1_ci_high:.3f}]" for row in table.itertuples()
-            ],
+            "top-1 [95 % CI]": [with_interval(row) for row in table.itertuples()],
             f"recall@{budget}": table["recall_at_budget"],
             "top-1 on misses": table["miss_top1_acc"],
             f"recall@{budget} on misses": table["miss_recall_at_budget"],
@@ -122,9 +127,7 @@ def read_first(frame: pd.DataFrame, budget: int) -> list[str]:
         {
             "d": best.index,
             "best method": best["best_method"],
-            "top-1 [95 % CI]": [
-                f"{r.top1_acc:.3f} [{r.top1_ci_low:.3f}, {r.top1_ci_high:.3f}]" for r in best.itertuples()
-            ],
+            "top-1 [95 % CI]": [with_interval(r) for r in best.itertuples()],
             "top-1 on misses": best["miss_top1_acc"],
             f"recall@{budget}": best["recall_at_budget"],
             "vs gate_lookahead": best["top1 vs gate_lookahead"],
@@ -185,14 +188,24 @@ def domain_section(frame: pd.DataFrame, domains: dict[str, str]) -> list[str]:
 MIN_DOCUMENTS_FOR_INTERVALS = 20
 
 
+def bootstrap_wording(resamples: int) -> str:
+    if resamples == 0:
+        return "none (eval.bootstrap=0 skips the bootstrap)"
+    return f"the 95 % bootstrap over documents ({resamples} resamples)"
+
+
 def few_documents_warning(documents: int) -> list[str]:
     """A warning paragraph when the split has fewer than :data:`MIN_DOCUMENTS_FOR_INTERVALS` documents."""
     if documents >= MIN_DOCUMENTS_FOR_INTERVALS:
         return []
-    return [f"**Warning: only {documents} held-out documents.** The top-1 intervals resample whole documents, so with "
-            f"fewer than {MIN_DOCUMENTS_FOR_INTERVALS} they understate the spread (a few long documents dominate). "
-            "Trace more documents (`trace.max_tokens_per_split`, `corpus.test_fraction`, or a corpus of more, "
-            "shorter files) before reading them as uncertainty.", ""]  # fmt: skip
+    plural = "s" * (documents != 1)
+    return [
+        f"**Warning: only {documents} held-out document{plural}.** The top-1 intervals resample whole documents, so "
+        f"with fewer than {MIN_DOCUMENTS_FOR_INTERVALS} they understate the spread (a few long documents dominate). "
+        "Trace more documents (`trace.max_tokens_per_split`, `corpus.test_fraction`, or a corpus of more, shorter "
+        "files) before reading them as uncertainty.",
+        "",
+    ]
 
 
 def provenance(context: dict[str, Any]) -> list[str]:
@@ -224,7 +237,7 @@ def markdown_sections(
         "",
         f"{result.tokens:,} tokens from {context['documents']} held-out documents; every number is per token against "
         "the router's real decision at layer l + d, pooled over source layers l. Top-1 intervals: for a single run "
-        f'or baseline, the 95 % bootstrap over documents ({context["bootstrap"]} resamples); for an "n seeds" row '
+        f'or baseline, {bootstrap_wording(context["bootstrap"])}; for an "n seeds" row '
         "(the mean of n runs that differ only in their seed), mean ± t(0.975, n − 1) · sd / √n over the seeds, "
         f"which is the seed-to-seed spread, not the documents'. Prefetch budget B = {budget}. Heuristics are fitted "
         f"on the train split only. Evaluation ran at {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s.",

@@ -123,6 +123,13 @@ def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
 
 
+def config_value(config: dict[str, Any], key: str) -> Any:
+    """A config column's cell: the value, ``"null"`` for a null one (pandas would print NaN), ``""`` if absent."""
+    if key not in config:
+        return ""
+    return "null" if config[key] is None else config[key]
+
+
 def compare(paths: Sequence[Path]) -> pd.DataFrame:
     """The long comparison frame of ``paths`` (workdirs or multirun directories; see the module docstring)."""
     found = sources(paths)
@@ -132,7 +139,7 @@ def compare(paths: Sequence[Path]) -> pd.DataFrame:
         eval_dir = Workdir(source.workdir).eval()
         frame, _ = read_metrics(eval_dir)
         pooled = aggregate(frame)
-        columns = {**{key: source.config.get(key) for key in differing}, **simulation_headline(eval_dir)}
+        columns = {**{key: config_value(source.config, key) for key in differing}, **simulation_headline(eval_dir)}
         for _, row in pooled.iterrows():
             rows.append({**row[IDENTITY].to_dict(), "workdir": str(source.workdir), **columns,
                          "method": row["method"], "seeds": int(row["seeds"]), "role": row["role"],
