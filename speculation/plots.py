@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from speculation.io import atomic_path
@@ -63,6 +64,8 @@ _HEURISTIC_COLOURS = ("tab:orange", "tab:brown", "goldenrod", "tab:pink", "sienn
 _KIND_COLOURS = {"contextual": "tab:blue", "transformer": "tab:green", "hierarchical": "tab:cyan",
                  "probe": "teal"}  # fmt: skip
 _MARKERS = ("o", "s", "D", "^", "P", "X")
+_RUN_MARKERS = ("s", "D", "^", "v", "<", ">", "P", "X", "h", "p", "d", "8")
+_SHADES = (0.0, -0.35, 0.35)  # the kind's colour, darker, lighter
 
 
 def method_style(method: str, role: str, kind: str, seeds: int = 1) -> dict[str, object]:
@@ -78,8 +81,13 @@ def method_style(method: str, role: str, kind: str, seeds: int = 1) -> dict[str,
     if role == "router baseline":
         return {"color": "tab:purple", "marker": "s", "linestyle": "-.", "linewidth": 1.6}
     colour = _KIND_COLOURS.get(kind) or matplotlib.colormaps["winter"]((zlib.crc32(kind.encode()) % 97) / 97)
-    return {"color": colour, "marker": "o" if seeds > 1 else _MARKERS[pick % 6], "linestyle": "-",
-            "linewidth": 2.6 if seeds > 1 else 1.4}  # fmt: skip
+    if seeds > 1:  # a seed mean: the kind's own colour, bold
+        return {"color": colour, "marker": "o", "linestyle": "-", "linewidth": 2.6}
+    # Single runs of one kind (a sweep, an ablation) share its hue and differ in shade and marker: 3 x 12 looks.
+    shade = _SHADES[(pick // len(_RUN_MARKERS)) % len(_SHADES)]
+    rgb = np.array(to_rgb(colour))
+    rgb = rgb * (1 + shade) if shade < 0 else rgb + (1 - rgb) * shade  # darker towards black, lighter towards white
+    return {"color": tuple(rgb), "marker": _RUN_MARKERS[pick % len(_RUN_MARKERS)], "linestyle": "-", "linewidth": 1.4}
 
 
 def accuracy_vs_lookahead(aggregate: pd.DataFrame, budget: int) -> Figure:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import to_rgba
+from matplotlib.colors import rgb_to_hsv, to_rgba
 
 from speculation.cache.tables import sweep_lines
 from speculation.evaluation.tables import ROLES, role
@@ -118,3 +118,14 @@ def test_the_cache_sweep_draws_each_policy_once_with_its_fastest_configuration_a
         line.get_label(): line.get_color() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")
     }
     assert drawn == {"on_demand/lru": "0.5", "predictor_topb/probe/lru/B1": "tab:blue"}  # the policy's fixed colour
+
+
+def test_single_runs_of_one_kind_share_its_hue_but_not_a_look():
+    # the loss-ablation preset's eight transformer runs: one kind, so one family, each run its own shade and marker
+    runs = ["transformer-seed0", *(f"transformer-loss={v}-seed0" for v in ("default", "no_confidence", "no_diversity",
+            "routing_only", "kl_routing", "miss_weighted", "consistency"))]  # fmt: skip
+    looks = [method_style(run, "trained", "transformer") for run in runs]
+    assert len({(to_rgba(s["color"]), s["marker"]) for s in looks}) == len(runs)
+    hue = rgb_to_hsv(to_rgba("tab:green")[:3])[0]
+    for style in looks:  # a shade of the kind's colour: scaled towards black or mixed with white, same hue
+        assert rgb_to_hsv(to_rgba(style["color"])[:3])[0] == pytest.approx(hue)
