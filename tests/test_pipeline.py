@@ -3,13 +3,15 @@ evaluated on the model's geometry refused before the first stage runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import TINY_COLLECT, compose_config
 from hf_tiny import save_tiny
 
 from speculation.config import to_object
 from speculation.config.evaluate import EvalConfig
-from speculation.config.rules import fit_to_geometry
+from speculation.config.rules import Geometry, fit_to_geometry
 from speculation.config.simulate import SimConfig
 from speculation.config.stages import PipelineConfig
 from speculation.stages.pipeline import pipeline, planned_geometry
@@ -49,3 +51,19 @@ def test_the_encoder_stack_of_a_decoder_only_model_is_refused_at_start(tmp_path)
     with pytest.raises(ValueError, match=r"eval.stack=encoder but the embedded model is decoder-only"):
         pipeline(cfg)
     assert not (tmp_path / "work").exists()
+
+
+def test_a_model_traced_from_another_workdir_is_checked_against_its_own_saved_architecture(tmp_path):
+    # model.source_workdir: that workdir's config.json sets the architecture (here 4 layers, 2 MoE), not ours
+    saved = tmp_path / "source" / "source_model" / "config.json"
+    saved.parent.mkdir(parents=True)
+    model = {"kind": "embedded", "name": "other", "vocab_size": 300, "d_model": 32, "num_layers": 4, "num_heads": 2,
+             "d_ff": 64, "num_experts": 4, "moe_every": 2, "max_seq_len": 64, "dropout": 0.0}  # fmt: skip
+    router = {"gate": "linear", "selection": "topk", "k": 2, "k_max": 2, "capacity_factor": None, "temperature": 1.0,
+              "span_length": 1, "cosine_dim": 16, "load_balance_coef": 0.01, "z_loss_coef": 0.001}  # fmt: skip
+    saved.write_text(json.dumps({"model": model, "router": router, "data": "x", "source_train": {}}))
+    overrides = [*TINY_COLLECT, f"workdir={tmp_path / 'work'}", f"model.source_workdir={tmp_path / 'source'}"]
+    cfg = to_object(compose_config("pipeline", overrides), PipelineConfig)
+    assert planned_geometry(cfg) == Geometry(num_layers=2, num_experts=4, experts_per_token=2)
+    (saved.parent / "config.json").unlink()  # not trained yet: collect says so, before any work
+    assert planned_geometry(cfg) is None
