@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import compose_config
 from hf_tiny import FAMILIES, save_tiny
+from safetensors.torch import load_file
 
 from speculation.config.model import ModelConfig, ModelKind
 from speculation.models.hf import hf_skeleton, load_hf_model
@@ -148,3 +149,41 @@ def test_unsupported_model_is_one_line_listing_families(tmp_path):
         collect(compose_config("collect", [*OVERRIDES, f"model.path={directory}", f"workdir={tmp_path / 'work'}"]))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "work" / "traces" / "manifest.json").exists()
+
+
+MIXTRAL_WITH_A_LAYER_ON_DISK = ("{model.embed_tokens:cpu,model.layers.0:cpu,model.layers.1:disk,model.norm:cpu,"
+                                "model.rotary_emb:cpu,lm_head:cpu}")  # fmt: skip
+
+
+def test_a_device_mapped_checkpoint_traces_exactly_as_a_single_device_one(tmp_path):
+    # Accelerate places layer 1 on disk: its weights are meta tensors between forward passes, loaded by hooks for
+    # each one; the traces (every shard's sha256) and the exported router weights must not notice.
+    checkpoint = save_tiny("mixtral", tmp_path / "checkpoint")
+    stores = {}
+    for name, placement in (("plain", []), ("mapped", [f"model.device_map={MIXTRAL_WITH_A_LAYER_ON_DISK}",
+                                                       f"model.offload_folder={tmp_path / 'offload'}"])):  # fmt: skip
+        workdir = tmp_path / name
+        collect(compose_config("collect", [*OVERRIDES, f"model.path={checkpoint}", f"workdir={workdir}", *placement]))
+        stores[name] = TraceStore.open(workdir / "traces")
+    assert any((tmp_path / "offload").iterdir())  # the layer really went to disk
+    shards = {name: {split: [s["sha256"] for s in info["shards"]] for split, info in store.manifest.splits.items()}
+              for name, store in stores.items()}  # fmt: skip
+    assert shards["plain"] == shards["mapped"] and shards["plain"]["test"]
+    weights = [load_file(tmp_path / name / "traces" / "router_weights.safetensors") for name in ("plain", "mapped")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_placement_keys_reach_from_pretrained_and_are_refused_for_the_embedded_model():
+    cfg = ModelConfig(kind=ModelKind.hf, path="x", device_map={"model.layers.0": "0", "lm_head": "cpu"},
+                      max_memory={"0": "20GiB", "cpu": "64GiB"})  # fmt: skip
+    assert cfg.placement == {"device_map": {"model.layers.0": 0, "lm_head": "cpu"},
+                             "max_memory": {0: "20GiB", "cpu": "64GiB"}}  # fmt: skip
+    assert ModelConfig(kind=ModelKind.hf, path="x").placement == {}  # load whole, then .to(device)
+    with pytest.raises(ValueError, match=r"model.device_map apply to model=hf checkpoints"):
+        ModelConfig(device_map="auto")
+    with pytest.raises(ValueError, match=r"model.device_map='everywhere' is not one of auto, balanced"):
+        ModelConfig(kind=ModelKind.hf, path="x", device_map="everywhere")
+    with pytest.raises(ValueError, match=r"puts layers on disk; set model.offload_folder"):
+        ModelConfig(kind=ModelKind.hf, path="x", device_map={"lm_head": "disk"})
+    with pytest.raises(ValueError, match=r"model.max_memory=.* needs model.device_map"):
+        ModelConfig(kind=ModelKind.hf, path="x", max_memory={"0": "1GiB"})

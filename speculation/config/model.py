@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum  # members compare equal to their values: Gate.linear == "linear"
 from typing import Any
@@ -18,6 +19,9 @@ class Gate(StrEnum):
 class Selection(StrEnum):
     topk = "topk"  # a fixed k experts per token
     adaptive_k = "adaptive_k"  # 1..k_max experts per token, more when the router is unsure
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's device_map
 
 
 class ModelKind(StrEnum):
@@ -89,6 +93,12 @@ class ModelConfig:
     name: str | None = "switch-lm"  # None: the last component of ``path``
     path: str | None = None  # kind=hf: hub id (e.g. google/switch-base-8) or local directory
     dtype: str = "float32"  # kind=hf: float32 | bfloat16 | float16 weights
+    revision: str | None = None  # kind=hf: the hub branch, tag or commit (None: the default branch)
+    # kind=hf: where the layers go (Accelerate's big-model inference): None loads the whole model onto `device`;
+    # auto | balanced | balanced_low_0 | sequential, or a dict of module name -> device (0, "cuda:1", "cpu", "disk")
+    device_map: Any = None
+    max_memory: Any = None  # with device_map: a dict of device -> budget, e.g. {0: 20GiB, cpu: 64GiB}
+    offload_folder: str | None = None  # with "disk" in the device map: where offloaded weights are kept
     encoder_fraction: float = 0.5  # encoder-decoder models: share of each traced chunk the encoder reads
     vocab_size: int = 4096
     d_model: int = 128
@@ -114,6 +124,7 @@ class ModelConfig:
                 bool(self.path),
                 "model=hf needs model.path: a hub id (e.g. google/switch-base-8) or a local checkpoint directory.",
             )
+        self._check_placement()
         require(
             self.dtype in ("float32", "bfloat16", "float16"),
             f"model.dtype={self.dtype!r} is not one of float32, bfloat16, float16.",
@@ -135,6 +146,56 @@ class ModelConfig:
             "no MoE layer. Lower moe_every.",
         )
         require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1).")
+
+    def _check_placement(self) -> None:
+        placed = {"model.device_map": self.device_map, "model.max_memory": self.max_memory,
+                  "model.offload_folder": self.offload_folder, "model.revision": self.revision}  # fmt: skip
+        given = [key for key, value in placed.items() if value is not None]
+        require(
+            self.kind == ModelKind.hf or not given,
+            f"{', '.join(given)} apply to model=hf checkpoints; the embedded model is built on `device`. Drop them.",
+        )
+        if isinstance(self.device_map, str):
+            require(
+                self.device_map in DEVICE_MAP_STRATEGIES,
+                f"model.device_map={self.device_map!r} is not one of {', '.join(DEVICE_MAP_STRATEGIES)} (or a dict "
+                "of module name -> device, or null).",
+            )
+        elif self.device_map is not None:
+            require(
+                isinstance(self.device_map, Mapping) and len(self.device_map) > 0,
+                f"model.device_map={self.device_map!r} must be a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}), a "
+                "non-empty dict of module name -> device, or null.",
+            )
+        require(
+            self.max_memory is None or (self.device_map is not None and isinstance(self.max_memory, Mapping)),
+            f"model.max_memory={self.max_memory!r} needs model.device_map (e.g. auto) and must be a dict of "
+            "device -> budget, e.g. {0: 20GiB, cpu: 64GiB}.",
+        )
+        on_disk = isinstance(self.device_map, Mapping) and "disk" in map(str, self.device_map.values())
+        require(
+            not on_disk or self.offload_folder is not None,
+            "model.device_map puts layers on disk; set model.offload_folder=DIR for their weights.",
+        )
+
+    @property
+    def placement(self) -> dict[str, Any]:
+        """The ``from_pretrained`` keywords that place the model (empty: load it whole, then move it)."""
+        if self.device_map is None:
+            return {}
+
+        def device(value: Any) -> Any:  # "0" from the command line is GPU 0, as Accelerate spells it
+            return int(value) if isinstance(value, str) and value.isdigit() else value
+
+        device_map = self.device_map
+        if isinstance(device_map, Mapping):
+            device_map = {str(name): device(where) for name, where in device_map.items()}
+        out: dict[str, Any] = {"device_map": device_map}
+        if self.max_memory is not None:
+            out["max_memory"] = {device(key): value for key, value in self.max_memory.items()}
+        if self.offload_folder is not None:
+            out["offload_folder"] = self.offload_folder
+        return out
 
     @property
     def display_name(self) -> str:

@@ -63,21 +63,39 @@ def _model_class(config: Any) -> Any:
 
 
 def load_hf_model(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The model (eval mode, on ``device``) and its tokenizer, from ``cfg.path``."""
+    """The model (eval mode) and its tokenizer, from ``cfg.path`` at ``cfg.revision``.
+
+    Without ``model.device_map`` the whole model is loaded, then moved to ``device``. With one, ``from_pretrained``
+    places each layer where the map says (Accelerate's big-model inference: GPUs, CPU, disk, within
+    ``model.max_memory``) and the model stays there; feed it on :func:`input_device`.
+    """
     check_transformers_version()
     from transformers import AutoConfig, AutoTokenizer
 
     source = _source(cfg)
     try:
-        config = AutoConfig.from_pretrained(source)
-        model = _model_class(config).from_pretrained(source, dtype=getattr(torch, cfg.dtype))
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, revision=cfg.revision)
+        model = _model_class(config).from_pretrained(
+            source, dtype=getattr(torch, cfg.dtype), revision=cfg.revision, **cfg.placement
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
     except OSError as error:  # huggingface_hub's offline / not-found errors are OSErrors
         if Path(source).exists():
             raise
         raise _offline_error(str(cfg.path), error) from None
     tokenizer.model_max_length = 1 << 30  # we chunk documents ourselves; silence "sequence too long" warnings
-    return model.to(device).eval(), tokenizer
+    if not cfg.placement:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def input_device(model: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where a model's inputs go: the input embedding's device for a device-mapped model (Accelerate moves each
+    layer's inputs on from there), else ``default``."""
+    if not getattr(model, "hf_device_map", None):
+        return default
+    weight = model.get_input_embeddings().weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")  # offloaded: fed from the host
 
 
 def hf_skeleton(cfg: ModelConfig) -> torch.nn.Module:
@@ -89,7 +107,7 @@ def hf_skeleton(cfg: ModelConfig) -> torch.nn.Module:
 
     source = _source(cfg)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, revision=cfg.revision)
     except OSError as error:
         if Path(source).exists():
             raise
@@ -116,9 +134,10 @@ def hf_identity(cfg: ModelConfig, model: torch.nn.Module) -> dict:
         if local.is_dir()
         else [["commit", getattr(model.config, "_commit_hash", None)]]
     )
-    return json.loads(
-        json.dumps({"path": str(cfg.path), "dtype": cfg.dtype, "config_sha256": _config_sha256(model), "files": files})
-    )
+    identity = {"path": str(cfg.path), "dtype": cfg.dtype, "config_sha256": _config_sha256(model), "files": files}
+    if cfg.revision:  # only when set, so traces made before the key existed keep their identity
+        identity["revision"] = cfg.revision
+    return json.loads(json.dumps(identity))
 
 
 def hf_model_digests(cfg: ModelConfig, model: torch.nn.Module) -> dict[str, str]:

@@ -32,7 +32,16 @@ from speculation.trainer import LoopState, train_loop
 from speculation.workdir import CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE
 
 # Not part of an embedded model's identity: HF-only keys, and where a model trained elsewhere comes from.
-HF_ONLY_FIELDS = ("path", "dtype", "encoder_fraction", "source_workdir")
+HF_ONLY_FIELDS = (
+    "path",
+    "dtype",
+    "revision",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "encoder_fraction",
+    "source_workdir",
+)
 
 
 def pack_documents(documents: Sequence[np.ndarray]) -> np.ndarray:

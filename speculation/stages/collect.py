@@ -21,7 +21,14 @@ from speculation.errors import MissingInputError, UserError
 from speculation.identity import json_sha256
 from speculation.io import file_sha256
 from speculation.locks import locked
-from speculation.models.hf import encode_with_hf_tokenizer, hf_identity, hf_model_digests, load_hf_model, pad_token_id
+from speculation.models.hf import (
+    encode_with_hf_tokenizer,
+    hf_identity,
+    hf_model_digests,
+    input_device,
+    load_hf_model,
+    pad_token_id,
+)
 from speculation.models.source import check_beats_unigram, load_source_model, source_identity, train_or_load
 from speculation.stages.device import resolve_device
 from speculation.stages.job import apply_threads
@@ -43,6 +50,7 @@ class Source:
     feeder: CausalFeeder | Seq2SeqFeeder
     identity: dict  # what the traces were recorded from
     manifest: dict  # model / tokenizer / source-metrics entries of the manifest
+    device: torch.device | None = None  # where its inputs go, if not the run's device (a device-mapped model)
 
 
 def embedded_source(
@@ -162,6 +170,7 @@ def hf_source(cfg: CollectConfig, splits: dict, fingerprint: str, device: torch.
             "tokenizer": str(cfg.model.path),
             "source_metrics": None,
         },
+        device=input_device(model, device),
     )
 
 
@@ -210,7 +219,7 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path
                 **source.manifest,
                 "corpus": {"kind": str(cfg.corpus.kind), "fingerprint": fingerprint, "documents": len(documents)},
             },
-            device=device,
+            device=source.device or device,
             salt=cfg.corpus.split_salt,
         )
         tracker.summary({f"health/{k}": v for k, v in summary["overall"]["mean"].items()})

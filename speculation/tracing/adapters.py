@@ -12,7 +12,7 @@ token, H hidden width.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -38,6 +38,10 @@ class RouterCapture:
     gates_NK: torch.Tensor  # weights applied to the experts' outputs
     dropped_NK: torch.Tensor  # bool: chosen but dropped for capacity
     hidden_NH: torch.Tensor  # the hidden state entering the router
+
+    def to(self, device: torch.device) -> RouterCapture:
+        """The same capture with every tensor on ``device`` (a no-op for tensors already there)."""
+        return RouterCapture(*(getattr(self, field.name).to(device) for field in fields(self)))
 
 
 class ModelAdapter:

@@ -108,9 +108,14 @@ class _HFAdapter(ModelAdapter):
         return _named_routers(model, _router_class(self.family, self.router_class_name))
 
     def router_state(self, site: RouterSite) -> dict[str, torch.Tensor]:
-        # Buffers too: DeepSeek-V3's e_score_correction_bias changes which experts are chosen.
-        named = itertools.chain(site.module.named_parameters(), site.module.named_buffers())
-        return {name: tensor.detach().cpu().clone() for name, tensor in named}
+        # A router Accelerate offloaded (device_map with cpu/disk entries under an execution device) holds meta
+        # tensors between forward passes; align_module_device loads its real weights for the copy.
+        from accelerate.utils import align_module_device
+
+        with align_module_device(site.module):
+            # Buffers too: DeepSeek-V3's e_score_correction_bias changes which experts are chosen.
+            named = itertools.chain(site.module.named_parameters(), site.module.named_buffers())
+            return {name: tensor.detach().cpu().clone() for name, tensor in named}
 
     def _expert_geometry(self, model: nn.Module, num_experts: int) -> dict[str, Any]:
         """Bytes per routed expert and per layer of shared experts, from the first MoE block's tensors."""

@@ -104,7 +104,11 @@ class RoutingRecorder:
         if missing:
             raise RuntimeError(f"no router output captured for {missing}; run a forward pass before collect().")
         captures = [self.adapter.capture(site, *self._captures[i]) for i, site in enumerate(self.sites)]
-        keep_N = mask_BT.reshape(-1).to(captures[0].logits_NE.device)
+        # A device-mapped model's routers sit on several devices: gather on the host, else stay where they ran
+        devices = {capture.logits_NE.device for capture in captures}
+        gather = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        captures = [capture.to(gather) for capture in captures]
+        keep_N = mask_BT.reshape(-1).to(gather)
         for site, capture in zip(self.sites, captures, strict=True):
             if capture.logits_NE.shape[0] != keep_N.numel():
                 raise ValueError(
