@@ -16,6 +16,7 @@ def to_markdown(frame: pd.DataFrame, formats: Mapping[str, Format] | None = None
     for column, fmt in (formats or {}).items():
         render = fmt.format if isinstance(fmt, str) else fmt
         shown[column] = [("" if _missing(value) else render(value)) for value in shown[column]]
+    shown = shown.astype(object).where(shown.notna(), "")  # unformatted columns too: a missing value is blank
     return shown.to_markdown(index=False, disable_numparse=True)  # the cells are formatted already
 
 
