@@ -161,3 +161,21 @@ def test_a_source_workdir_without_a_model_is_one_clear_error(tmp_path):
     overrides = [*TINY_COLLECT, f"model.source_workdir={tmp_path / 'nowhere'}", f"workdir={tmp_path / 'work'}"]
     with pytest.raises(ValueError, match=r"model.source_workdir=.*nowhere holds no trained source model"):
         collect(compose_config("collect", overrides))
+
+
+def test_the_bytes_per_token_formula_is_what_a_written_store_holds(collected):
+    from speculation.traces.sizes import KNOWN_GEOMETRIES, TraceGeometry, bytes_per_token
+
+    store = TraceStore.open(Workdir(collected).traces())
+    split = store.split("test")
+    measured = {field: split.array(field).nbytes / split.num_rows for field in split.fields}
+    manifest = store.manifest
+    geometry = TraceGeometry("smoke", manifest.num_layers, manifest.num_experts,
+                             manifest.routing.max_experts_per_token, manifest.hidden.size)  # fmt: skip
+    computed = bytes_per_token(geometry, hidden_layers=len(manifest.hidden.layers))
+    assert computed == {**measured, "total": sum(measured.values())}
+    mixtral = next(g for g in KNOWN_GEOMETRIES if g.name == "mixtral-8x7b")
+    # by hand: experts + gates 2 x 32 x 2 x 2 B, dropped 64 B, logits 32 x 8 x 2 B, 4 int32 columns;
+    # hidden 32 x 4096 x 2 B
+    assert bytes_per_token(mixtral, hidden_layers=0)["total"] == 256 + 64 + 512 + 16 == 848
+    assert bytes_per_token(mixtral)["total"] == 848 + 262_144
