@@ -66,6 +66,7 @@ _KIND_COLOURS = {"contextual": "tab:blue", "transformer": "tab:green", "hierarch
 _MARKERS = ("o", "s", "D", "^", "P", "X")
 _RUN_MARKERS = ("s", "D", "^", "v", "<", ">", "P", "X", "h", "p", "d", "8")
 _SHADES = (0.0, -0.35, 0.35)  # the kind's colour, darker, lighter
+_ROUTER_BASELINE_STYLE = {"color": "tab:purple", "marker": "s", "linestyle": "-.", "linewidth": 1.6}  # gate_lookahead
 
 
 def method_style(method: str, role: str, kind: str, seeds: int = 1) -> dict[str, object]:
@@ -79,7 +80,7 @@ def method_style(method: str, role: str, kind: str, seeds: int = 1) -> dict[str,
         colour, marker = _BUILT_IN.get(method, (_HEURISTIC_COLOURS[pick % 6], _MARKERS[pick % 6]))
         return {"color": colour, "marker": marker, "linestyle": ":", "linewidth": 1.4}
     if role == "router baseline":
-        return {"color": "tab:purple", "marker": "s", "linestyle": "-.", "linewidth": 1.6}
+        return dict(_ROUTER_BASELINE_STYLE)
     colour = _KIND_COLOURS.get(kind) or matplotlib.colormaps["winter"]((zlib.crc32(kind.encode()) % 97) / 97)
     if seeds > 1:  # a seed mean: the kind's own colour, bold
         return {"color": colour, "marker": "o", "linestyle": "-", "linewidth": 2.6}
@@ -204,7 +205,7 @@ def latency_breakdown(table: pd.DataFrame, fraction: float, lookahead: int) -> F
 _POLICY_STYLES = {
     "on_demand": {"color": "0.5", "marker": "x", "linestyle": "--", "linewidth": 1.2},
     "oracle": {"color": "0.1", "marker": "*", "linestyle": "--", "linewidth": 1.2},
-    "gate_lookahead": {"color": "tab:purple", "marker": "s", "linestyle": "-.", "linewidth": 1.6},
+    "gate_lookahead": _ROUTER_BASELINE_STYLE,  # the policy looks like the method that drives it
     "predictor_topb": {"color": "tab:blue", "marker": "o", "linestyle": "-", "linewidth": 1.4},
     "predictor_confidence": {"color": "tab:cyan", "marker": "v", "linestyle": "-", "linewidth": 1.4},
     "cost_aware": {"color": "tab:green", "marker": "D", "linestyle": "-", "linewidth": 1.6},

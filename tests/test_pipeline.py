@@ -15,6 +15,7 @@ from speculation.config.rules import Geometry, fit_to_geometry
 from speculation.config.simulate import SimConfig
 from speculation.config.stages import PipelineConfig
 from speculation.stages.pipeline import pipeline, planned_geometry
+from speculation.traces import TraceStore
 from speculation.workdir import Workdir
 
 
@@ -67,3 +68,8 @@ def test_a_model_traced_from_another_workdir_is_checked_against_its_own_saved_ar
     assert planned_geometry(cfg) == Geometry(num_layers=2, num_experts=4, experts_per_token=2)
     (saved.parent / "config.json").unlink()  # not trained yet: collect says so, before any work
     assert planned_geometry(cfg) is None
+
+
+def test_the_geometry_planned_at_start_is_the_one_the_manifest_records(collected):
+    cfg = to_object(compose_config("pipeline", [*TINY_COLLECT, f"workdir={collected}"]), PipelineConfig)
+    assert planned_geometry(cfg) == TraceStore.open(collected / "traces", verify=False).manifest.sizes

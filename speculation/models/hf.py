@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,18 @@ def _source(cfg: ModelConfig) -> str:
     return str(local) if local.exists() else str(cfg.path)
 
 
+@contextmanager
+def _fetching(cfg: ModelConfig, source: str) -> Iterator[None]:
+    """Reading ``source`` from the hub: its offline / not-found errors (OSErrors) become one line that says to pass
+    a local directory; a local directory's own errors pass through."""
+    try:
+        yield
+    except OSError as error:
+        if Path(source).exists():
+            raise
+        raise _offline_error(str(cfg.path), error) from None
+
+
 def _model_class(config: Any) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -73,16 +87,12 @@ def load_hf_model(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Modu
     from transformers import AutoConfig, AutoTokenizer
 
     source = _source(cfg)
-    try:
+    with _fetching(cfg, source):
         config = AutoConfig.from_pretrained(source, revision=cfg.revision)
         model = _model_class(config).from_pretrained(
             source, dtype=getattr(torch, cfg.dtype), revision=cfg.revision, **cfg.placement
         )
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
-    except OSError as error:  # huggingface_hub's offline / not-found errors are OSErrors
-        if Path(source).exists():
-            raise
-        raise _offline_error(str(cfg.path), error) from None
     tokenizer.model_max_length = 1 << 30  # we chunk documents ourselves; silence "sequence too long" warnings
     if not cfg.placement:
         model = model.to(device)
@@ -106,12 +116,8 @@ def hf_skeleton(cfg: ModelConfig) -> torch.nn.Module:
     from transformers import AutoConfig
 
     source = _source(cfg)
-    try:
+    with _fetching(cfg, source):
         config = AutoConfig.from_pretrained(source, revision=cfg.revision)
-    except OSError as error:
-        if Path(source).exists():
-            raise
-        raise _offline_error(str(cfg.path), error) from None
     with torch.device("meta"):
         return _model_class(config).from_config(config)
 

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 
+import torch
 from omegaconf import DictConfig
 
 from speculation.config import to_object
@@ -24,6 +25,7 @@ from speculation.config.rules import Geometry, fitted_evaluation
 from speculation.config.stages import PipelineConfig
 from speculation.errors import UserError
 from speculation.models.hf import hf_skeleton
+from speculation.models.switch_lm import SwitchLM
 from speculation.stages.collect import collect
 from speculation.stages.evaluate import evaluate, open_traces
 from speculation.stages.train import train
@@ -34,7 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def embedded_geometry(model: ModelConfig, router: RouterConfig) -> Geometry:
-    return Geometry(len(model.moe_layers), model.num_experts, router.max_experts_per_token)
+    """The embedded model's decoder geometry as its adapter will record it, read off a meta-device build (no
+    weights allocated), so the adapter stays the one owner of how layers and slots are counted."""
+    with torch.device("meta"):
+        skeleton = SwitchLM(model, router)
+    geometry = stack_geometry(skeleton, "decoder")
+    assert geometry is not None, "the embedded model always has MoE layers in its decoder"
+    return geometry
 
 
 def planned_geometry(cfg: PipelineConfig) -> Geometry | None:

@@ -3,7 +3,7 @@
 The trace store keeps, per token, the routing of every MoE layer and (optionally) the hidden state entering
 chosen routers. The hidden states dominate for big models: Mixtral-8x7B's 32 layers of width 4096 in float16 are
 256 KiB per token. :func:`bytes_per_token` says how much each option costs before a run, for any geometry;
-``tests/test_trace_store.py`` holds it equal to what a written store really holds.
+``tests/test_stage_collect.py`` holds it equal to what a written store really holds.
 """
 
 from __future__ import annotations
