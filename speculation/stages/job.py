@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from speculation.distributed import launch_ranks
 from speculation.environment import available_cores
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ def parallel_jobs(hydra_cfg: DictConfig | None) -> int:
 
 
 def threads_per_job(hydra_cfg: DictConfig | None) -> int:
-    """``cores // parallel jobs``, at least 1: jobs that share the cores must not each take all of them."""
-    return max(1, available_cores() // parallel_jobs(hydra_cfg))
+    """``cores // (parallel jobs × torchrun ranks on this machine)``, at least 1: processes that share the cores
+    must not each take all of them."""
+    return max(1, available_cores() // (parallel_jobs(hydra_cfg) * launch_ranks().local_world))
 
 
 def apply_threads(threads: int | None) -> None:
