@@ -48,6 +48,9 @@ class Ranks:
         return index % self.world == self.rank
 
 
+SINGLE_PROCESS = Ranks()  # a plain run: rank 0 of 1
+
+
 def launch_ranks() -> Ranks:
     """The ranks torchrun announced in the environment; rank 0 of 1 without torchrun."""
     try:
@@ -103,6 +106,17 @@ def process_group(device: torch.device) -> Iterator[Ranks]:
         yield ranks
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_first(ranks: Ranks) -> Iterator[None]:
+    """Run the body on rank 0 first, then on the other ranks: rank 0 makes what they then find and load (a
+    tokenizer, a trained model) instead of every rank making it at once."""
+    if not ranks.is_main:
+        barrier()
+    yield
+    if ranks.is_main:
+        barrier()
 
 
 def barrier() -> None:

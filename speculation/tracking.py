@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from speculation.config.logger import LoggerBackend, LoggerConfig
+from speculation.distributed import launch_ranks
 from speculation.environment import environment
 from speculation.traces.analysis import trace_identity
 from speculation.workdir import Workdir
@@ -98,10 +99,13 @@ def start_run(
     ``workdir``, its ``experiment_name`` (the default group) and the whole config, the environment and ``traces``
     (:func:`traces_context`) as the run's config.
 
-    ``WANDB_MODE=disabled`` in the environment also turns it off.
+    ``WANDB_MODE=disabled`` in the environment also turns it off, and so does being a rank other than 0 under
+    torchrun: rank 0 logs for the launch.
     """
     cfg: LoggerConfig = stage_cfg.logger
     if cfg.backend == LoggerBackend.none or cfg.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return Tracker()
+    if not launch_ranks().is_main:
         return Tracker()
     import wandb
 

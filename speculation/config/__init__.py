@@ -22,6 +22,7 @@ type-check but make no sense (a non-positive expert count, say) when a stage con
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,16 @@ from speculation.config.stages import CollectConfig, EvaluateConfig, PipelineCon
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 Config = TypeVar("Config")
+
+
+def _rank_dir() -> str:
+    """``${rank_dir:}`` in Hydra's run dir: ranks 1.. of a torchrun launch log in a ``rank-N/`` of their own, so
+    they neither interleave rank 0's log nor look like runs of their own (rank 0's is the launch's)."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"/rank-{rank}"
+
+
+OmegaConf.register_new_resolver("rank_dir", _rank_dir, replace=True)
 
 
 def to_object(cfg: DictConfig | Any, schema: type[Config]) -> Config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from speculation.config import to_object
 from speculation.config.model import ModelKind
 from speculation.config.stages import CollectConfig
 from speculation.corpus import corpus_fingerprint, load_documents, split_documents
+from speculation.distributed import Ranks, barrier, main_first, process_group
 from speculation.errors import MissingInputError, UserError
 from speculation.identity import json_sha256
 from speculation.io import file_sha256
@@ -180,11 +182,17 @@ def collect(cfg: DictConfig | CollectConfig) -> Path:
     workdir = Workdir(cfg.workdir)
     apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    with locked(workdir.lock("traces"), f"the traces of {workdir.root}"):
-        return _collect(cfg, workdir, device)
+    with process_group(device) as ranks:
+        # Rank 0 holds the traces for the whole launch; the other ranks are part of its job, not rivals for the lock.
+        lock = locked(workdir.lock("traces"), f"the traces of {workdir.root}") if ranks.is_main else nullcontext()
+        with lock:
+            barrier()  # no rank starts before rank 0 holds the lock
+            traces = _collect(cfg, workdir, device, ranks)
+            barrier()  # rank 0 keeps the lock until every rank is done
+    return traces
 
 
-def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path:
+def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device, ranks: Ranks) -> Path:
     trained_elsewhere = check_source_workdir(cfg, workdir) if cfg.model.source_workdir is not None else None
     documents = load_documents(cfg.corpus)
     splits = split_documents(documents, cfg.corpus)
@@ -200,12 +208,13 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path
         cfg, job_type="collect", name=f"collect-{cfg.model.display_name}", tags=[cfg.model.display_name, router_tag]
     )
     try:
-        if trained_elsewhere is not None:
-            source = source_from_workdir(cfg, trained_elsewhere, fingerprint, splits, device)
-        elif cfg.model.kind == ModelKind.embedded:
-            source = embedded_source(cfg, splits, fingerprint, workdir, device, tracker)
-        else:
-            source = hf_source(cfg, splits, fingerprint, device)
+        with main_first(ranks):  # rank 0 trains the tokenizer and source model; the others then load them
+            if trained_elsewhere is not None:
+                source = source_from_workdir(cfg, trained_elsewhere, fingerprint, splits, device)
+            elif cfg.model.kind == ModelKind.embedded:
+                source = embedded_source(cfg, splits, fingerprint, workdir, device, tracker)
+            else:
+                source = hf_source(cfg, splits, fingerprint, device)
         trace_cfg = {k: v for k, v in asdict(cfg.trace).items() if k != "splits"}
         summary = collect_traces(
             source.model,
@@ -221,6 +230,7 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device) -> Path
             },
             device=source.device or device,
             salt=cfg.corpus.split_salt,
+            ranks=ranks,
         )
         tracker.summary({f"health/{k}": v for k, v in summary["overall"]["mean"].items()})
         tracker.log_image("expert_utilisation", workdir.traces() / FIGURES_DIR / "expert_utilisation.png")

@@ -145,16 +145,18 @@ def _load_shard(shard_dir: Path, info: ShardInfo) -> dict[str, np.ndarray]:
 
 
 class SplitWriter:
-    """Writes the shards of one split. Safe to re-create after a crash: stale ``.tmp`` entries are deleted."""
+    """Writes the shards of one split. Safe to re-create after a crash: stale ``.tmp`` entries are deleted, unless
+    ``remove_temps`` is false (a rank of a multi-rank collection: another rank may be writing one right now)."""
 
-    def __init__(self, root: Path | str, split: str) -> None:
+    def __init__(self, root: Path | str, split: str, remove_temps: bool = True) -> None:
         if not split or split in (".", "..") or "/" in split or os.sep in split:
             raise ValueError(f"split name {split!r} must be a plain directory name")
         self.root = Path(root)
         self.split = split
         self.directory = self.root / split
         self.directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.directory)  # left by a writer that died mid-write; their contents are unusable
+        if remove_temps:
+            remove_stale_temps(self.directory)  # left by a writer that died mid-write; their contents are unusable
 
     def is_complete(self, index: int) -> bool:
         """The shard's ``meta.json`` exists and every file it lists is there with its recorded size.

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from speculation.config.collect import TraceConfig
 from speculation.corpus import Document
+from speculation.distributed import SINGLE_PROCESS, Ranks, barrier, broadcast_object
 from speculation.errors import UserError
 from speculation.health import RouterHealth
 from speculation.identity import claim_identity
@@ -46,7 +47,57 @@ from speculation.workdir import (
 )
 
 
+def plan_shards(chunks: Sequence[Chunk], batch_size: int, batches_per_shard: int) -> list[list[list[Chunk]]]:
+    """The split's shards, each a list of whole batches: a pure function of the chunks and the trace config."""
+    batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
+    return [batches[i : i + batches_per_shard] for i in range(0, len(batches), batches_per_shard)]
+
+
 @torch.no_grad()
+def write_shards(
+    model: nn.Module,
+    feeder: Any,
+    recorders: dict[str, RoutingRecorder],
+    writers: dict[str, SplitWriter],
+    shards: Sequence[Sequence[Sequence[Chunk]]],
+    device: torch.device,
+    ranks: Ranks = SINGLE_PROCESS,
+) -> None:
+    """Trace this rank's shards (``ranks.owns(index)``) into every stack, skipping those complete in all of them."""
+    split = next(iter(writers.values())).split
+    if not shards:
+        raise UserError(f"split {split!r} has no tokens to trace; lower corpus fractions or add documents.")
+    model.eval()
+    mine = [index for index in range(len(shards)) if ranks.owns(index)]
+    total = sum(len(c.ids) for index in mine for batch in shards[index] for c in batch)
+    progress = tqdm(total=total, desc=f"trace {split}", unit="tok", disable=not ranks.is_main or None)
+    for index in mine:
+        if not all(writer.is_complete(index) for writer in writers.values()):
+            parts: dict[str, list[dict[str, np.ndarray]]] = {stack: [] for stack in writers}
+            for batch in shards[index]:
+                fed = feeder(model, batch, device)
+                for stack, (mask_BT, rows) in fed.items():
+                    parts[stack].append(recorders[stack].collect(mask_BT) | rows)
+            for stack, writer in writers.items():
+                writer.write_shard(
+                    index, {name: np.concatenate([p[name] for p in parts[stack]]) for name in parts[stack][0]}
+                )
+        progress.update(sum(len(c.ids) for batch in shards[index] for c in batch))
+    progress.close()
+
+
+def summarize_split(writers: dict[str, SplitWriter], healths: dict[str, RouterHealth], num_shards: int) -> dict:
+    """Router health from every shard as stored (whichever rank or run wrote it, so a resumed or multi-rank run
+    summarises exactly what a fresh single-process one does); returns each stack's manifest entry for the split."""
+    for index in range(num_shards):
+        for stack, writer in writers.items():
+            if not writer.is_complete(index):
+                continue  # finalize names it
+            stored = writer.read_shard(index, fields=("experts", "logits", "dropped"))
+            healths[stack].update(stored["experts"], stored["logits"], stored.get("dropped"))
+    return {stack: writer.finalize(num_shards) for stack, writer in writers.items()}
+
+
 def trace_split(
     model: nn.Module,
     feeder: Any,
@@ -58,35 +109,10 @@ def trace_split(
     batches_per_shard: int,
     device: torch.device,
 ) -> dict[str, dict]:
-    """Trace ``chunks`` into shards of every stack (skipping shards already complete in all of them).
-
-    Health is updated from every shard as stored, including ones found on disk, so a resumed run summarises
-    exactly what a fresh one does. Returns each stack's manifest entry for this split.
-    """
-    split = next(iter(writers.values())).split
-    if not chunks:
-        raise UserError(f"split {split!r} has no tokens to trace; lower corpus fractions or add documents.")
-    batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
-    shards = [batches[i : i + batches_per_shard] for i in range(0, len(batches), batches_per_shard)]
-    model.eval()
-    progress = tqdm(total=sum(len(c.ids) for c in chunks), desc=f"trace {split}", unit="tok")
-    for index, shard_batches in enumerate(shards):
-        if not all(writer.is_complete(index) for writer in writers.values()):
-            parts: dict[str, list[dict[str, np.ndarray]]] = {stack: [] for stack in writers}
-            for batch in shard_batches:
-                fed = feeder(model, batch, device)
-                for stack, (mask_BT, rows) in fed.items():
-                    parts[stack].append(recorders[stack].collect(mask_BT) | rows)
-            for stack, writer in writers.items():
-                writer.write_shard(
-                    index, {name: np.concatenate([p[name] for p in parts[stack]]) for name in parts[stack][0]}
-                )
-        for stack, writer in writers.items():
-            stored = writer.read_shard(index, fields=("experts", "logits", "dropped"))
-            healths[stack].update(stored["experts"], stored["logits"], stored.get("dropped"))
-        progress.update(sum(len(c.ids) for batch in shard_batches for c in batch))
-    progress.close()
-    return {stack: writer.finalize(len(shards)) for stack, writer in writers.items()}
+    """Trace ``chunks`` into shards of every stack in this process, then summarise them (:func:`summarize_split`)."""
+    shards = plan_shards(chunks, batch_size, batches_per_shard)
+    write_shards(model, feeder, recorders, writers, shards, device)
+    return summarize_split(writers, healths, len(shards))
 
 
 def save_router_weights(recorder: RoutingRecorder, path: Path) -> None:
@@ -161,56 +187,90 @@ def collect_traces(
     manifest_extra: dict,
     device: torch.device,
     salt: str,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> dict:
     """Trace every configured split of every stack; write manifests (last), ``summary.json`` and figures.
 
-    Returns the primary stack's summary: router health per split and over all splits.
+    Under torchrun every rank calls this: each writes its own shards of every split (shard ``i`` is rank
+    ``i % world``'s), and rank 0, once all are written, summarises them and writes what the ranks share. Returns
+    the primary stack's summary (on every rank): router health per split and over all splits.
     """
     traces_dir = workdir.traces()
-    traces_dir.mkdir(parents=True, exist_ok=True)
-    claim_identity(
-        traces_dir / IDENTITY_FILE,
-        identity,
-        holds="traces of a different model or trace config",
-        fix=f"Use another workdir, or delete {traces_dir} to re-trace.",
-    )
     stacks = feeder.stacks
-    for stack in stacks:  # until the end, no store may look complete
-        (workdir.traces(stack) / MANIFEST_FILE).unlink(missing_ok=True)
+    plans = {}  # split -> (documents, token ids, chunks), in the order the split is traced
+    for split in cfg.splits:
+        order = sample_order([doc.doc_id for doc in split_documents[split]], salt)
+        ids = [split_ids[split][i] for i in order]
+        chunks = make_chunks(ids, cfg.seq_len, cfg.max_tokens_per_split, min_tokens=feeder.min_tokens)
+        plans[split] = ([split_documents[split][i] for i in order], ids, chunks)
+    if ranks.is_main:
+        traces_dir.mkdir(parents=True, exist_ok=True)
+        claim_identity(
+            traces_dir / IDENTITY_FILE,
+            identity,
+            holds="traces of a different model or trace config",
+            fix=f"Use another workdir, or delete {traces_dir} to re-trace.",
+        )
+        for stack in stacks:  # until the end, no store may look complete
+            (workdir.traces(stack) / MANIFEST_FILE).unlink(missing_ok=True)
+            for split in cfg.splits:  # a killed writer's leftovers go before any rank writes again
+                SplitWriter(workdir.traces(stack), split)
+    barrier()
     hidden_sites = cfg.hidden_layers if cfg.save_hidden else []
     recorders = {stack: RoutingRecorder(model, stack=stack, hidden_sites=hidden_sites) for stack in stacks}
+    writers = {
+        split: {stack: SplitWriter(workdir.traces(stack), split, remove_temps=False) for stack in stacks}
+        for split in cfg.splits
+    }
+    shards = {
+        split: plan_shards(chunks, cfg.batch_size, cfg.batches_per_shard) for split, (_, _, chunks) in plans.items()
+    }
+    for recorder in recorders.values():
+        recorder.attach()
+    try:
+        for split in cfg.splits:
+            write_shards(model, feeder, recorders, writers[split], shards[split], device, ranks)
+    finally:
+        for recorder in recorders.values():
+            recorder.detach()
+    barrier()  # every shard of every split is on disk
+    summary = None
+    if ranks.is_main:
+        summary = _write_stores(workdir, recorders, model, plans, writers, shards, identity, manifest_extra)
+    return broadcast_object(summary)
+
+
+def _write_stores(
+    workdir: Workdir,
+    recorders: dict[str, RoutingRecorder],
+    model: nn.Module,
+    plans: dict[str, tuple],
+    writers: dict[str, dict[str, SplitWriter]],
+    shards: dict[str, list],
+    identity: dict,
+    manifest_extra: dict,
+) -> dict:
+    """Summarise every split from its stored shards; write the document table and each stack's store (manifest
+    last). Returns the primary stack's summary."""
+    stacks = list(recorders)
     num_experts = recorders[PRIMARY_STACK].adapter.geometry(model)["num_experts"]
     overall = {stack: RouterHealth(recorders[stack].layer_labels, num_experts) for stack in stacks}
     summaries: dict[str, dict] = {stack: {"splits": {}} for stack in stacks}
     entries: dict[str, dict] = {stack: {} for stack in stacks}
     doc_rows = []
-    for recorder in recorders.values():
-        recorder.attach()
-    try:
-        for split in cfg.splits:
-            order = sample_order([doc.doc_id for doc in split_documents[split]], salt)
-            docs = [split_documents[split][i] for i in order]
-            ids = [split_ids[split][i] for i in order]
-            chunks = make_chunks(ids, cfg.seq_len, cfg.max_tokens_per_split, min_tokens=feeder.min_tokens)
-            healths = {stack: RouterHealth(recorders[stack].layer_labels, num_experts) for stack in stacks}
-            writers = {stack: SplitWriter(workdir.traces(stack), split) for stack in stacks}
-            split_entries = trace_split(
-                model, feeder, recorders, writers, healths, chunks, cfg.batch_size, cfg.batches_per_shard, device
-            )
-            for stack in stacks:
-                entries[stack][split] = split_entries[stack]
-                overall[stack].merge(healths[stack])
-                summaries[stack]["splits"][split] = healths[stack].summary()
-            traced = np.bincount([c.doc for c in chunks], weights=[len(c.ids) for c in chunks], minlength=len(docs))
-            doc_rows += [
-                {"split": split, "doc": i, "doc_id": d.doc_id, "tokens": len(t), "traced_tokens": int(n)}
-                for i, (d, t, n) in enumerate(zip(docs, ids, traced, strict=True))
-            ]
-    finally:
-        for recorder in recorders.values():
-            recorder.detach()
-
-    with atomic_path(traces_dir / DOCUMENTS_FILE) as tmp:
+    for split, (docs, ids, chunks) in plans.items():
+        healths = {stack: RouterHealth(recorders[stack].layer_labels, num_experts) for stack in stacks}
+        split_entries = summarize_split(writers[split], healths, len(shards[split]))
+        for stack in stacks:
+            entries[stack][split] = split_entries[stack]
+            overall[stack].merge(healths[stack])
+            summaries[stack]["splits"][split] = healths[stack].summary()
+        traced = np.bincount([c.doc for c in chunks], weights=[len(c.ids) for c in chunks], minlength=len(docs))
+        doc_rows += [
+            {"split": split, "doc": i, "doc_id": d.doc_id, "tokens": len(t), "traced_tokens": int(n)}
+            for i, (d, t, n) in enumerate(zip(docs, ids, traced, strict=True))
+        ]
+    with atomic_path(workdir.traces() / DOCUMENTS_FILE) as tmp:
         pd.DataFrame(doc_rows).to_parquet(tmp, index=False)
     extra = {**manifest_extra, "trace_config": identity["trace"]}
     for stack in stacks:
