@@ -81,3 +81,19 @@ def test_a_killed_two_rank_run_resumes_to_the_same_bytes(one_rank: Path, collect
     (half / "experts.npy").write_bytes(b"torn")
     torchrun_collect(two)
     assert digests(traces) == digests(one_rank / "traces")
+
+
+def test_a_sweep_runs_each_job_under_torchrun(one_rank: Path, collected: Path, tmp_path: Path):
+    """``hydra/launcher=torchrun_local``: what ``hydra/launcher=slurm`` runs on each node, through submitit's local
+    executor; each job's 2 ranks write what one process writes."""
+    workdirs = [untraced(collected, tmp_path / name) for name in ("a", "b")]
+    command = [sys.executable, "-m", "collect.main", "-m", "hydra/launcher=torchrun_local", *TINY_COLLECT, THREADS,
+               f"workdir={workdirs[0]},{workdirs[1]}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = digests(one_rank / "traces")
+    for job, workdir in enumerate(workdirs):
+        assert digests(workdir / "traces") == expected
+        ranks_logs = tmp_path / "sweep" / str(job) / "torchrun"
+        assert (ranks_logs / "collect.log").is_file() and (ranks_logs / "rank-1" / "collect.log").is_file()
