@@ -26,7 +26,9 @@ from speculation.cache.simulation import check_predictor_costs
 from speculation.config import to_object
 from speculation.config.rules import fitted_evaluation
 from speculation.config.stages import EvaluateConfig
+from speculation.distributed import active, launch_ranks
 from speculation.environment import environment
+from speculation.errors import UserError
 from speculation.evaluation import report, tables
 from speculation.evaluation.runner import EvaluationResult, check_split, evaluate_predictors
 from speculation.io import atomic_write_text
@@ -191,6 +193,11 @@ def headline_summary(aggregate: pd.DataFrame, simulation: Simulation | None) -> 
 def evaluate(cfg: DictConfig | EvaluateConfig) -> dict:
     """Run the evaluate stage; returns the pooled rows, the simulation frame and the paths."""
     cfg = to_object(cfg, EvaluateConfig)
+    if (ranks := launch_ranks()).world > 1 and not active():  # the pipeline's ranks wait while rank 0 evaluates
+        raise UserError(
+            f"spec-evaluate runs in one process, not as rank {ranks.rank} of {ranks.world} under torchrun: its "
+            "simulation and tables are cheap next to collection and training. Run it without torchrun."
+        )
     workdir = Workdir(cfg.workdir)
     apply_threads(cfg.threads)
     with (

@@ -23,10 +23,12 @@ from speculation.config import to_object
 from speculation.config.model import ModelConfig, ModelKind, RouterConfig
 from speculation.config.rules import Geometry, fitted_evaluation
 from speculation.config.stages import PipelineConfig
+from speculation.distributed import barrier, process_group
 from speculation.errors import UserError
 from speculation.models.hf import hf_skeleton
 from speculation.models.switch_lm import SwitchLM
 from speculation.stages.collect import collect
+from speculation.stages.device import resolve_device
 from speculation.stages.evaluate import evaluate, open_traces
 from speculation.stages.train import train
 from speculation.tracing.registry import stack_geometry
@@ -92,18 +94,28 @@ def train_all(cfg: PipelineConfig) -> None:
 
 # PipelineConfig extends every stage's config, so each stage function takes it as is.
 STAGES = {"collect": collect_and_check, "train": train_all, "evaluate": evaluate}
+ONE_PROCESS_STAGES = ("evaluate",)  # under torchrun, rank 0 runs these alone
 
 
 def pipeline(cfg: DictConfig | PipelineConfig) -> dict[str, float]:
-    """Run every stage; returns each stage's wall time in seconds."""
+    """Run every stage; returns each stage's wall time in seconds.
+
+    Under torchrun the ranks share one process group for the whole run: they collect and train together, and
+    rank 0 evaluates while the others wait (the evaluation runs in one process).
+    """
     cfg = to_object(cfg, PipelineConfig)
     check_at_start(cfg)
     timings = {}
-    for name, stage in STAGES.items():
-        started = time.perf_counter()
-        log.info("stage %s", name)
-        stage(cfg)
-        timings[name] = time.perf_counter() - started
-        log.info("stage %s done in %.1f s", name, timings[name])
+    with process_group(resolve_device(cfg.device)) as ranks:
+        for name, stage in STAGES.items():
+            started = time.perf_counter()
+            log.info("stage %s", name)
+            if name in ONE_PROCESS_STAGES and not ranks.is_main:
+                log.info("rank %d waits while rank 0 runs stage %s", ranks.rank, name)
+            else:
+                stage(cfg)
+            barrier()
+            timings[name] = time.perf_counter() - started
+            log.info("stage %s done in %.1f s", name, timings[name])
     log.info("pipeline done: %s; report: %s", timings, Workdir(cfg.workdir).eval() / REPORT_FILE)
     return timings
