@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from speculation.distributed import SINGLE_PROCESS, Ranks, launch_ranks, main_first, rank_device
@@ -83,3 +84,12 @@ def test_ranks_other_than_0_log_in_a_rank_directory_of_their_own(torchrun_env):
     assert run_dir.dir == "logs/collect/t"
     torchrun_env(1, 2, 1, 2)
     assert OmegaConf.create({"dir": "logs/collect/t${rank_dir:}"}).dir == "logs/collect/t/rank-1"
+
+
+def test_evaluate_refuses_to_run_as_one_rank_of_many_before_any_work(torchrun_env, tmp_path):
+    from speculation.stages.evaluate import evaluate
+
+    torchrun_env(1, 2, 1, 2)
+    with pytest.raises(UserError, match=r"one process, not as rank 1 of 2 under torchrun.*without torchrun"):
+        evaluate(compose_config("evaluate", ["logger=none", f"workdir={tmp_path / 'work'}"]))
+    assert not (tmp_path / "work").exists()
