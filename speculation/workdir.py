@@ -14,6 +14,7 @@ Stages talk only through files under one workdir (``workdir=DIR``, default ``out
         summary.json            router health per split
         documents.parquet       every traced document, its split and token counts
         router_weights.safetensors   the routers' parameters, for gate-lookahead
+        hidden_projection.safetensors   trace.hidden_projection's matrix [H, P] (only when set)
         figures/expert_utilisation.png
         <split>/shard-NNNNN/    <field>.npy + meta.json per shard
         <split>/tokens.parquet  per-token metadata
@@ -53,6 +54,7 @@ IDENTITY_FILE = "identity.json"
 SUMMARY_FILE = "summary.json"
 DOCUMENTS_FILE = "documents.parquet"
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
+PROJECTION_FILE = "hidden_projection.safetensors"  # trace.hidden_projection's matrix, next to the router weights
 TOKENS_FILE = "tokens.parquet"
 SHARD_META_FILE = "meta.json"
 # eval/

@@ -42,9 +42,9 @@ def untraced(collected: Path, target: Path) -> Path:
     return target
 
 
-def torchrun_collect(workdir: Path, ranks: int = 2) -> subprocess.CompletedProcess:
+def torchrun_collect(workdir: Path, *overrides: str, ranks: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "-m", "collect.main", *TINY_COLLECT, THREADS, f"workdir={workdir}"]  # fmt: skip
+               "-m", "collect.main", *TINY_COLLECT, THREADS, *overrides, f"workdir={workdir}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -66,6 +66,17 @@ def test_two_ranks_write_the_bytes_one_process_writes(one_rank: Path, collected:
     assert all(len(entry["shards"]) >= 2 for entry in manifest["splits"].values())  # both ranks wrote shards
     assert digests(two / "traces") == expected
     assert list((two / "logs" / "collect").glob("*/rank-1/collect.log"))  # rank 1 ran, and logged on its own
+
+
+def test_compact_traces_too(collected: Path, tmp_path: Path):
+    """Stored gate-lookahead scores and a seeded projection, in bfloat16: every rank draws the same projection."""
+    compact = ["trace.gate_lookahead=2", "trace.hidden_projection=8", "trace.hidden_dtype=bfloat16"]
+    one, two = untraced(collected, tmp_path / "one"), untraced(collected, tmp_path / "two")
+    collect(compose_config("collect", [*TINY_COLLECT, THREADS, *compact, f"workdir={one}"]))
+    torchrun_collect(two, *compact)
+    files = digests(one / "traces")
+    assert "train/shard-00001/lookahead_logits.npy" in files and "hidden_projection.safetensors" in files
+    assert digests(two / "traces") == digests(one / "traces")
 
 
 def test_a_killed_two_rank_run_resumes_to_the_same_bytes(one_rank: Path, collected: Path, tmp_path: Path):

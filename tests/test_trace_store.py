@@ -100,7 +100,7 @@ def test_shard_info_and_meta(store_dir):
     writer = SplitWriter(root, "train")
     info = writer.shard_info(1)
     assert info.name == "shard-00001" and info.rows == 3
-    assert set(info.sha256) == {f"{f}.npy" for f in TRACE_FIELDS}
+    assert set(info.sha256) == {f"{f}.npy" for f in TRACE_FIELDS if f != "lookahead_logits"}  # make_shard's fields
     assert ShardInfo.from_dict(info.to_dict()) == info
     meta = json.loads((root / "train" / "shard-00001" / "meta.json").read_text())
     sizes = {name: (root / "train" / "shard-00001" / name).stat().st_size for name in info.sha256}
@@ -254,7 +254,7 @@ def test_every_required_field_is_required_and_the_optional_ones_are_not(tmp_path
         writer.write_shard(0, {k: v for k, v in make_shard(3, 0).items() if k != field})
     info = writer.write_shard(1, make_shard(3, 1))  # neither hidden nor dropped
     assert sorted(info.sha256) == sorted(f"{name}.npy" for name in REQUIRED_FIELDS)
-    assert set(TRACE_FIELDS) - set(REQUIRED_FIELDS) == {"hidden", "dropped"}
+    assert set(TRACE_FIELDS) - set(REQUIRED_FIELDS) == {"hidden", "dropped", "lookahead_logits"}
 
 
 def test_finalize_missing_shard(tmp_path):

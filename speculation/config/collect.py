@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 from speculation.config.checks import check_seed, positive, require
@@ -92,6 +92,11 @@ class TraceConfig:
     save_hidden: bool = True
     hidden_layers: list[int] | None = None  # MoE-layer indices whose router input is saved; None = all
     max_tokens_per_split: int | None = None  # stop each split after about this many tokens; None = all
+    # Compact traces (docs/architecture.md, "Trace options"): the defaults keep the full float16 hidden states.
+    hidden_dtype: str = "float16"  # HIDDEN_DTYPES: how the saved hidden states are stored
+    gate_lookahead: int | None = None  # D: store routers l+1..l+D applied to the hidden state entering l
+    hidden_projection: int | None = None  # P: store a fixed random projection of the hidden state to width P
+    projection_seed: int = 0  # draws the projection matrix (saved next to the router weights)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "batches_per_shard"):
@@ -100,3 +105,34 @@ class TraceConfig:
         require(not unknown, f"trace.splits has unknown split(s) {unknown}; use train, val and/or test.")
         if self.max_tokens_per_split is not None:
             positive("trace.max_tokens_per_split", self.max_tokens_per_split, "Use null for whole splits.")
+        require(
+            self.hidden_dtype in HIDDEN_DTYPES,
+            f"trace.hidden_dtype={self.hidden_dtype!r} is not one of {', '.join(HIDDEN_DTYPES)}.",
+        )
+        if self.gate_lookahead is not None:
+            positive("trace.gate_lookahead", self.gate_lookahead, "Use null to store no lookahead logits.")
+        if self.hidden_projection is not None:
+            positive("trace.hidden_projection", self.hidden_projection, "Use null to store the hidden state as is.")
+            require(
+                self.save_hidden,
+                f"trace.hidden_projection={self.hidden_projection} projects the saved hidden states, but "
+                "trace.save_hidden=false saves none; set trace.hidden_projection=null or trace.save_hidden=true.",
+            )
+        check_seed("trace.projection_seed", self.projection_seed)
+
+    def identity(self) -> dict:
+        """What the traces' identity records of this config: every key but ``splits`` (a run may add splits to a
+        store), the compact options only where they differ from their defaults, so a store traced before they
+        existed keeps its identity and a default store's files are what they were."""
+        defaults = asdict(TraceConfig())
+        return {
+            key: value
+            for key, value in asdict(self).items()
+            if key != "splits" and (key not in COMPACT_OPTIONS or value != defaults[key])
+        }
+
+
+# How trace.hidden_dtype stores hidden states: numpy has no bfloat16, so its raw 16 bits are kept as uint16
+# (speculation.traces.store encodes and decodes them; readers see float32).
+HIDDEN_DTYPES = ("float16", "bfloat16")
+COMPACT_OPTIONS = ("hidden_dtype", "gate_lookahead", "hidden_projection", "projection_seed")

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from speculation.config.evaluate import EvalConfig
+from speculation.config.predictor import PredictorConfig
 from speculation.config.simulate import SimConfig
 from speculation.errors import UserError
 
@@ -106,6 +107,39 @@ def evaluation_problems(eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry
                 f"{slots_needed / (geometry.num_layers * geometry.num_experts):.3f}."
             )
     return problems
+
+
+def trace_lookahead_problem(lookahead: int | None, num_layers: int, where: str) -> str | None:
+    """Why ``trace.gate_lookahead`` cannot be stored for ``num_layers`` MoE layers (``where``: the model), or None."""
+    if lookahead is None or lookahead < num_layers:
+        return None
+    fix = f"trace.gate_lookahead={num_layers - 1}" if num_layers > 1 else "trace.gate_lookahead=null"
+    return (
+        f"trace.gate_lookahead={lookahead} but {where} has {num_layers} MoE layers: a lookahead must leave a target "
+        f"layer; set {fix}."
+    )
+
+
+def learned_input_problem(
+    predictor: PredictorConfig, layers: list[int], num_layers: int, projection: int | None, where: str
+) -> str | None:
+    """Why traces keeping the hidden states of ``layers`` (of ``num_layers``), projected to width ``projection``
+    (``trace.hidden_projection``; None: as they were), cannot train ``predictor``, or None. ``where``: the traces.
+
+    One owner for ``spec-train`` (against a manifest) and ``spec-pipeline`` (against the trace config, at start).
+    """
+    if layers != list(range(num_layers)):
+        return (
+            f"{where} holds hidden states of MoE layers {layers}, but learned predictors need all {num_layers}; "
+            "re-collect with trace.save_hidden=true trace.hidden_layers=null."
+        )
+    if projection is not None and predictor.uses_routers:
+        return (
+            f"predictor.gate_lookahead={predictor.gate_lookahead} applies the traced routers to the hidden states, but "
+            f"{where} holds them randomly projected to width {projection} (trace.hidden_projection={projection}); "
+            "train with predictor.gate_lookahead=none, or re-collect with trace.hidden_projection=null."
+        )
+    return None
 
 
 def check_evaluation(eval_cfg: EvalConfig, sim: SimConfig, geometry: Geometry, where: str) -> None:

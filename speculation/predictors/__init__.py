@@ -2,13 +2,14 @@
 
 ``HEURISTICS`` maps each baseline's metrics name to its class, in table order (the names are
 ``speculation.config.evaluate.HEURISTIC_METHODS``). All construct with defaults except ``gate_lookahead``, which
-needs the routers' weights: ``GateLookaheadPredictor.from_store(store)``; :mod:`speculation.predictors.loading`
-builds them by name and loads trained predictors from their run directories.
+needs the routers' weights (``GateLookaheadPredictor.from_store(store)``) or the scores a compact trace stored
+(``StoredGateLookaheadPredictor``; ``gate_lookahead_for`` picks); :mod:`speculation.predictors.loading` builds
+them by name and loads trained predictors from their run directories.
 """
 
 from speculation.config.evaluate import HEURISTIC_METHODS
 from speculation.predictors.base import Prediction, Predictor
-from speculation.predictors.gate_lookahead import GateLookaheadPredictor
+from speculation.predictors.gate_lookahead import GateLookaheadPredictor, StoredGateLookaheadPredictor
 from speculation.predictors.heuristics import (
     AdaptivePredictor,
     FrequencyPredictor,
@@ -50,5 +51,6 @@ __all__ = [
     "Predictor",
     "PreviousTokenPredictor",
     "RandomPredictor",
+    "StoredGateLookaheadPredictor",
     "TraceBatch",
 ]

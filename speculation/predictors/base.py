@@ -45,6 +45,10 @@ class Predictor:
         reach = min(max_lookahead, self.max_lookahead or max_lookahead)
         return [d for d in range(1, reach + 1) if layer + d < num_layers]
 
+    def reach_fix(self, lookahead: int) -> str:
+        """How to make this predictor reach ``lookahead`` (said where its ``max_lookahead`` leaves rows out)."""
+        return f"retrain it with predictor.max_lookahead={lookahead}"
+
     def fit(self, train: TraceBatch, num_experts: int) -> None:
         """Learn statistics from the train split (default: nothing to learn)."""
 

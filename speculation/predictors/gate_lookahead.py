@@ -7,6 +7,10 @@ predictor needs only the routers' weights (:class:`~speculation.predictors.route
 
 Shape legend (docs/glossary.md): N token rows, H hidden width, E experts, D requested lookaheads, L MoE layers.
 
+Traces collected with ``trace.gate_lookahead=D`` store those scores themselves (``lookahead_logits``, computed at
+collect time from the hidden state rounded as the store rounds it), so :class:`StoredGateLookaheadPredictor` needs
+neither the hidden states nor the router weights; :func:`gate_lookahead_for` picks what a store supports.
+
 Span routers (``span_length > 1``) make one decision per span from the span's first token; a row does not say
 which earlier row leads its span, so the router is applied to every token's own hidden state and ``d = 0``
 reproduces the router's choice only at span leaders.
@@ -24,11 +28,14 @@ import torch
 from speculation.errors import UserError
 from speculation.predictors.base import Prediction, Predictor
 from speculation.predictors.heuristics import max_confidence, target_layers
-from speculation.predictors.routers import RouterBank
+from speculation.predictors.routers import RouterBank, log_distribution
 from speculation.traces.batches import TraceBatch
 
 if TYPE_CHECKING:
     from speculation.traces.reader import TraceStore
+
+
+STORED_FIX = ", or store the later routers' scores instead: trace.gate_lookahead=3"
 
 
 class GateLookaheadPredictor(Predictor):
@@ -52,7 +59,10 @@ class GateLookaheadPredictor(Predictor):
 
     @classmethod
     def from_store(cls, store: TraceStore) -> GateLookaheadPredictor:
-        """The routers of ``router_weights.safetensors`` next to the store's manifest."""
+        """The routers of ``router_weights.safetensors`` next to the store's manifest; a UserError for traces whose
+        hidden states are projected (the routers read the real ones)."""
+        if store.manifest.hidden.projection is not None:
+            raise UserError(store.manifest.router_input_problem([], cls.name) + STORED_FIX)
         return cls(RouterBank.from_store(store))
 
     def predict(self, batch: TraceBatch, layer: int, lookaheads: Sequence[int]) -> Prediction:
@@ -79,3 +89,58 @@ class GateLookaheadPredictor(Predictor):
                     log_probs = self.routers.log_distribution(self.routers.scores(hidden, target))
                     probs_NDE[chunk, i] = log_probs.exp().numpy()
         return max_confidence(probs_NDE)
+
+
+class StoredGateLookaheadPredictor(Predictor):
+    """Gate lookahead from the scores the trace stored (``batch.lookahead_NLDE``, ``trace.gate_lookahead=D``).
+
+    The scores are what :class:`GateLookaheadPredictor` computes from a store's hidden states, stored as float16,
+    and they go through the same :func:`~speculation.predictors.routers.log_distribution`: the two agree to the
+    float16 rounding of the scores (tested). It reaches lookaheads 1..D only (``max_lookahead``).
+    """
+
+    name = "gate_lookahead"
+
+    def __init__(self, depth: int, score: str) -> None:
+        self.max_lookahead = depth
+        self.score = score
+
+    @classmethod
+    def from_store(cls, store: TraceStore) -> StoredGateLookaheadPredictor:
+        if not store.manifest.lookahead_depth:
+            raise UserError(f"{store.root} stores no gate-lookahead scores; re-collect with trace.gate_lookahead=3")
+        return cls(store.manifest.lookahead_depth, store.manifest.routing.score)
+
+    def reach_fix(self, lookahead: int) -> str:
+        return (
+            f"re-collect with trace.gate_lookahead={lookahead} (or with every layer's hidden state, unprojected, "
+            "from which gate_lookahead reaches any lookahead)"
+        )
+
+    def predict(self, batch: TraceBatch, layer: int, lookaheads: Sequence[int]) -> Prediction:
+        target_layers(batch, layer, lookaheads)
+        if batch.lookahead_NLDE is None:
+            raise UserError("this batch holds no stored gate-lookahead scores; load it with load_batch(hidden=True)")
+        bad = [d for d in lookaheads if not 1 <= d <= self.max_lookahead]
+        if bad:
+            raise ValueError(
+                f"the traces store gate-lookahead scores for d in 1..{self.max_lookahead}, asked for {bad}; "
+                f"{self.reach_fix(max(bad))}"
+            )
+        probs_NDE = np.empty((batch.num_rows, len(lookaheads), batch.probs_NLE.shape[-1]), np.float32)
+        with torch.inference_mode():
+            for i, d in enumerate(lookaheads):  # one [N, E] block per d, as the hidden-state path computes it
+                scores_NE = torch.from_numpy(np.ascontiguousarray(batch.lookahead_NLDE[:, layer, d - 1]))
+                probs_NDE[:, i] = log_distribution(scores_NE, self.score).exp().numpy()
+        return max_confidence(probs_NDE)
+
+
+def gate_lookahead_for(store: TraceStore) -> tuple[Predictor | None, str | None]:
+    """The gate-lookahead baseline ``store`` supports, or None and why: the routers on the hidden states when every
+    source layer's unprojected hidden state is there (it reaches any lookahead), else the stored scores."""
+    problem = store.manifest.router_input_problem(range(store.num_layers - 1), GateLookaheadPredictor.name)
+    if problem is None:
+        return GateLookaheadPredictor.from_store(store), None
+    if store.manifest.lookahead_depth:
+        return StoredGateLookaheadPredictor.from_store(store), None
+    return None, problem + STORED_FIX

@@ -14,6 +14,7 @@ from pathlib import Path
 from speculation.errors import UserError
 from speculation.predictors import HEURISTICS
 from speculation.predictors.base import Predictor
+from speculation.predictors.gate_lookahead import gate_lookahead_for
 from speculation.predictors.trained import TrainedPredictor, read_run
 from speculation.traces import TraceStore
 from speculation.workdir import PREDICTOR_FILE
@@ -28,19 +29,43 @@ def build_heuristics(names: list[str], store: TraceStore, seed: int) -> tuple[li
     for name in names:
         cls = HEURISTICS[name]
         if name == "gate_lookahead":
-            missing = store.manifest.missing_hidden(range(store.num_layers - 1))
-            if missing:
-                skipped[name] = (
-                    f"the hidden states of MoE layers {missing} were not traced; re-collect with "
-                    "trace.save_hidden=true and trace.hidden_layers=null to score it"
-                )
+            # from the hidden states, or from the scores the trace stored (trace.gate_lookahead)
+            predictor, why = gate_lookahead_for(store)
+            if predictor is None:
+                skipped[name] = why
                 continue
-            methods.append(cls.from_store(store))
+            methods.append(predictor)
         elif "seed" in inspect.signature(cls).parameters:
             methods.append(cls(seed=seed))
         else:
             methods.append(cls())
     return methods, skipped
+
+
+def _hidden_form(projection: dict | None) -> str:
+    if projection is None:
+        return "as traced"
+    return f"projected to width {projection['width']} (seed {projection['seed']})"
+
+
+def input_problem(run_dir: Path, meta: dict, store: TraceStore) -> str | None:
+    """Why a trained predictor cannot read these traces' inputs, or None: it needs every layer's hidden state, in the
+    form it was trained on (as traced, or projected by the same ``trace.hidden_projection``)."""
+    hidden = store.manifest.hidden
+    if hidden.layers != list(range(store.num_layers)):
+        return (
+            f"predictor {run_dir} reads every MoE layer's hidden state, but {store.root} holds {hidden.describe()}; "
+            "evaluate it on traces collected with trace.save_hidden=true trace.hidden_layers=null."
+        )
+    trained_on = meta["geometry"].get("hidden_projection")  # absent from runs on unprojected traces
+    here = None if hidden.projection is None else {"width": hidden.projection.width, "seed": hidden.projection.seed}
+    if trained_on != here:
+        return (
+            f"predictor {run_dir} was trained on hidden states {_hidden_form(trained_on)}, but {store.root} holds them "
+            f"{_hidden_form(here)}; evaluate it on traces collected with the same trace.hidden_projection and "
+            "trace.projection_seed, or retrain it on these with train.overwrite=true."
+        )
+    return None
 
 
 def load_trained_predictors(directory: Path, store: TraceStore) -> tuple[list[Predictor], dict[str, str]]:
@@ -70,6 +95,8 @@ def load_trained_predictors(directory: Path, store: TraceStore) -> tuple[list[Pr
                     f"other weights, tokenizer or geometry) than {store.root} ({store.manifest.model_name}); "
                     "evaluate it in its own workdir, or retrain it on these traces with train.overwrite=true."
                 )
+            if problem := input_problem(run_dir, meta, store):
+                raise UserError(problem)
             if meta["type"] not in TRAINED_PREDICTORS:
                 raise UserError(
                     f"predictor {run_dir} has type {meta['type']!r}, which this version cannot load; known types: "

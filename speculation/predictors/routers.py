@@ -166,11 +166,8 @@ class RouterBank(nn.Module):
         return router.scores(hidden_NH) if isinstance(router, Router) else router(hidden_NH)
 
     def log_distribution(self, scores_NE: torch.Tensor) -> torch.Tensor:
-        """Router scores -> log of the routing distribution (softmax, or sigmoid normalised to sum to 1)."""
-        if self.score == "sigmoid":
-            log_sigmoid_NE = F.logsigmoid(scores_NE)
-            return log_sigmoid_NE - torch.logsumexp(log_sigmoid_NE, dim=-1, keepdim=True)
-        return F.log_softmax(scores_NE, dim=-1)
+        """Router scores -> log of the routing distribution (:func:`log_distribution` with this bank's score)."""
+        return log_distribution(scores_NE, self.score)
 
     def lookahead_log_probs(self, hidden_BTLH: torch.Tensor, max_lookahead: int) -> torch.Tensor:
         """[B, T, L, D, E]: entry (l, j) is layer ``l + j + 1``'s router applied to the hidden state entering layer
@@ -190,6 +187,15 @@ class RouterBank(nn.Module):
         for j in range(min(max_lookahead, len(self.layers) - layer - 1)):
             out[j] = self.log_distribution(self.scores(hidden_H, layer + j + 1))
         return out
+
+
+def log_distribution(scores_NE: torch.Tensor, score: str) -> torch.Tensor:
+    """Router scores -> log of the routing distribution (softmax, or sigmoid normalised to sum to 1): the one
+    function gate lookahead applies, to router outputs and to stored lookahead scores alike."""
+    if score == "sigmoid":
+        log_sigmoid_NE = F.logsigmoid(scores_NE)
+        return log_sigmoid_NE - torch.logsumexp(log_sigmoid_NE, dim=-1, keepdim=True)
+    return F.log_softmax(scores_NE, dim=-1)
 
 
 def random_bank(num_layers: int, num_experts: int, hidden_size: int, seed: int = 0) -> RouterBank:

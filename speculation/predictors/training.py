@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from speculation.config.predictor import LossConfig
+from speculation.config.predictor import LossConfig, PredictorConfig
+from speculation.config.rules import learned_input_problem
 from speculation.config.stages import PLACEMENT_KEYS, TrainConfig
 from speculation.environment import environment
 from speculation.errors import UserError
@@ -42,14 +43,16 @@ from speculation.workdir import CURVES_FILE, IDENTITY_FILE, METRICS_FILE, PREDIC
 log = logging.getLogger(__name__)
 
 
-def check_store(store: TraceStore) -> None:
-    """The learned predictors read every layer's hidden state and need train and val; one clear error if not."""
-    layers = store.manifest.hidden.layers
-    if layers != list(range(store.num_layers)):
-        raise UserError(
-            f"{store.root} holds hidden states of MoE layers {layers}, but learned predictors need all "
-            f"{store.num_layers}; re-collect with trace.save_hidden=true trace.hidden_layers=null."
-        )
+def check_store(store: TraceStore, predictor: PredictorConfig | None = None) -> None:
+    """The learned predictors read every layer's hidden state (the real one, if ``predictor`` uses the traced
+    routers) and need train and val; one clear error if not."""
+    hidden = store.manifest.hidden
+    width = hidden.projection.width if hidden.projection else None
+    problem = learned_input_problem(
+        predictor or PredictorConfig(), hidden.layers, store.num_layers, width, str(store.root)
+    )
+    if problem:
+        raise UserError(problem)
     for split in ("train", "val"):
         if split not in store.splits or store.split(split).num_rows == 0:
             raise UserError(f"{store.root} has no {split!r} split with tokens; spec-train needs train and val.")
@@ -152,7 +155,7 @@ def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: 
     A finished run is reused only when its identity (:func:`run_identity`) matches and its weights match their
     checksum; a run that fails before its first checkpoint leaves no directory behind.
     """
-    check_store(store)
+    check_store(store, cfg.predictor)
     existed = out_dir.exists() and not cfg.train.overwrite  # overwrite: this run starts from nothing
     claim_run(cfg, store, out_dir)
     if (out_dir / PREDICTOR_FILE).exists():
@@ -179,6 +182,8 @@ def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.dev
     geometry = {"num_layers": store.num_layers, "num_experts": num_experts, "hidden_size": store.manifest.hidden.size}
     routers = RouterBank.from_store(store) if cfg.predictor.uses_routers else None  # frozen, saved with the model
     geometry["routers"] = None if routers is None else routers.spec  # what load_model rebuilds them from
+    if projection := store.manifest.hidden.projection:  # its inputs are projected: scored only on traces alike
+        geometry["hidden_projection"] = {"width": projection.width, "seed": projection.seed}
     model = build_model(geometry["num_layers"], num_experts, geometry["hidden_size"], cfg.predictor, routers)
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]

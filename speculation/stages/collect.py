@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +215,7 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device, ranks: 
                 source = embedded_source(cfg, splits, fingerprint, workdir, device, tracker)
             else:
                 source = hf_source(cfg, splits, fingerprint, device)
-        trace_cfg = {k: v for k, v in asdict(cfg.trace).items() if k != "splits"}
+        trace_cfg = cfg.trace.identity()
         summary = collect_traces(
             source.model,
             source.feeder,

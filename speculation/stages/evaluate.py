@@ -88,8 +88,8 @@ def short_reach(cfg: EvaluateConfig, methods: list[Predictor]) -> dict[str, str]
         if rows or replays:
             missing = [f"metrics rows at d = {rows}"] * bool(rows) + [f"simulation at d = {replays}"] * bool(replays)
             notes[f"{method.name} at d > {reach}"] = (
-                f"it predicts lookaheads 1..{reach} only, so it has no {' and no '.join(missing)}; retrain it with "
-                f"predictor.max_lookahead={max(rows + replays)} to fill them."
+                f"it predicts lookaheads 1..{reach} only, so it has no {' and no '.join(missing)}; "
+                f"{method.reach_fix(max(rows + replays))} to fill them."
             )
     return notes
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from speculation.config import to_object
 from speculation.config.model import ModelConfig, ModelKind, RouterConfig
-from speculation.config.rules import Geometry, fitted_evaluation
+from speculation.config.rules import Geometry, fitted_evaluation, learned_input_problem, trace_lookahead_problem
 from speculation.config.stages import PipelineConfig
 from speculation.distributed import barrier, process_group
 from speculation.errors import UserError
@@ -73,10 +73,21 @@ def planned_geometry(cfg: PipelineConfig) -> Geometry | None:
 
 
 def check_at_start(cfg: PipelineConfig) -> None:
-    """Every rule between the evaluation config and the traced geometry, before the first stage."""
+    """Every rule between the evaluation config and the traced geometry, and between what the traces will keep
+    (``trace``) and what the learned predictors read, before the first stage."""
     geometry = planned_geometry(cfg)
-    if geometry is not None:
-        fitted_evaluation(cfg.eval, cfg.sim, geometry, f"the traces of model={cfg.model.display_name}")
+    if geometry is None:
+        return
+    where = f"the traces of model={cfg.model.display_name}"
+    fitted_evaluation(cfg.eval, cfg.sim, geometry, where)
+    trace = cfg.trace
+    every_layer = list(range(geometry.num_layers))
+    kept = (every_layer if trace.hidden_layers is None else list(trace.hidden_layers)) if trace.save_hidden else []
+    problems = [trace_lookahead_problem(trace.gate_lookahead, geometry.num_layers, f"model={cfg.model.display_name}")]
+    if cfg.predictors:  # the learned predictors of spec-pipeline's train stage read the hidden states
+        problems.append(learned_input_problem(cfg.predictor, kept, geometry.num_layers, trace.hidden_projection, where))
+    if first := next((problem for problem in problems if problem), None):
+        raise UserError(first)
 
 
 def collect_and_check(cfg: PipelineConfig) -> None:

@@ -29,6 +29,8 @@ class TraceBatch:
     pos_N: np.ndarray  # int64 position in the document
     doc_N: np.ndarray  # int64 document index
     prev_N: np.ndarray  # int64 row index (within this batch) of the previous token of the same sequence, or -1
+    # float32 stored gate-lookahead scores (trace.gate_lookahead): entry (l, j) is router l + j + 1 on the input of l
+    lookahead_NLDE: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -92,13 +94,16 @@ def sequence_blocks(seq_N: np.ndarray, max_rows: int) -> list[slice]:
 def load_batch(store: TraceStore, split: str, rows: slice, hidden: bool = True) -> TraceBatch:
     """Rows ``rows`` of ``split`` (whole sequences) in float32 / int64, with the router's distributions.
 
-    ``hidden``: read the traced hidden states too (the layers ``manifest.hidden.layers`` lists), if there are any.
+    ``hidden``: read the predictors' per-layer inputs too, if the store has them: the traced hidden states (the
+    layers ``manifest.hidden.layers`` lists) and the stored gate-lookahead scores.
     """
     trace = store.split(split)
     hidden_layers = store.manifest.hidden.layers if hidden else []
     fields = ["experts", "gates", "logits", "seq", "pos", "doc"]
     if hidden_layers and "hidden" in trace.fields:
         fields.append("hidden")
+    if hidden and "lookahead_logits" in trace.fields:
+        fields.append("lookahead_logits")
     data = trace.rows(np.arange(rows.start, rows.stop), fields=fields)
     seq = data["seq"].astype(np.int64)
     return TraceBatch(
@@ -112,6 +117,7 @@ def load_batch(store: TraceStore, split: str, rows: slice, hidden: bool = True) 
         pos_N=data["pos"].astype(np.int64),
         doc_N=data["doc"].astype(np.int64),
         prev_N=previous_rows(seq),
+        lookahead_NLDE=data["lookahead_logits"].astype(np.float32) if "lookahead_logits" in data else None,
     )
 
 

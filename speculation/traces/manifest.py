@@ -15,8 +15,11 @@
                    "bytes_per_expert", "vocab_size", ...family-specific keys},
       "routing": {"num_experts", "max_experts_per_token", "layers": [router labels], "score": "softmax"|"sigmoid",
                   "router_config": {...} (embedded), ...family-specific knobs},
-      "hidden": {"layers": [MoE-layer indices], "size": H, "source": "the router's input"},
-      "dtypes": {field: numpy dtype}, "router_weights": {"file", "format"},
+      "hidden": {"layers": [MoE-layer indices], "size": H (P when projected), "source": "the router's input",
+                 "projection": {"width": P, "input_size": H, "seed", "file": "hidden_projection.safetensors"}
+                 (only with trace.hidden_projection)},
+      "lookahead": {"depth": D, "fill": 0.0, "field": "lookahead_logits", "source"} (only with trace.gate_lookahead),
+      "dtypes": {field: numpy dtype; "hidden": "float16" | "bfloat16"}, "router_weights": {"file", "format"},
       "splits": {name: {"rows", "shards": [{"name", "rows", "sha256": {file: digest}, "ranges": {field: [lo, hi]}}]}},
       "corpus": {...}, "documents": "documents.parquet", "trace_config": {...}, "source_metrics": {...} | null,
       "tokenizer": ..., "figures": {...}
@@ -24,8 +27,11 @@
 
 :data:`MANIFEST_SCHEMA` (JSON Schema) is checked on every read and write, and :func:`range_problems` checks each
 shard's recorded value ranges against the geometry (an expert id >= E is refused when the store opens, not when
-an index error surfaces mid-training). The fingerprint is the model's content digests, the stack and the
-geometry: it ties predictors to the model whose routing they learned, whatever corpus traced it.
+an index error surfaces mid-training). The compact-trace entries (``hidden.projection``, ``lookahead``,
+``dtypes.hidden = "bfloat16"``) are written only when their option is set, and read as absent = off: a manifest
+written before they existed reads as the full float16 trace it is. The fingerprint is the model's content
+digests, the stack and the geometry: it ties predictors to the model whose routing they learned, whatever corpus
+traced it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 
 import jsonschema
 
+from speculation.config.collect import HIDDEN_DTYPES
 from speculation.config.rules import Geometry
 from speculation.errors import UserError
 from speculation.identity import json_sha256
@@ -108,8 +115,24 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "properties": {
                 "layers": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                 "size": {"type": "integer", "minimum": 0},
+                "projection": {
+                    "type": "object",
+                    "required": ["width", "input_size", "seed", "file"],
+                    "properties": {
+                        "width": _COUNT,
+                        "input_size": _COUNT,
+                        "seed": {"type": "integer", "minimum": 0},
+                        "file": {"type": "string"},
+                    },
+                },
             },
         },
+        "lookahead": {
+            "type": "object",
+            "required": ["depth", "fill"],
+            "properties": {"depth": _COUNT, "fill": {"type": "number"}},
+        },
+        "dtypes": {"type": "object", "properties": {"hidden": {"enum": list(HIDDEN_DTYPES)}}},
         "splits": {
             "type": "object",
             "additionalProperties": {
@@ -137,9 +160,28 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class Projection:
+    """``trace.hidden_projection``: the stored hidden states are ``hidden @ matrix`` ([H, P], in ``file``)."""
+
+    width: int  # P
+    input_size: int  # H, the model's hidden width
+    seed: int  # trace.projection_seed
+    file: str  # next to the manifest
+
+
+@dataclass(frozen=True)
 class Hidden:
     layers: list[int]  # MoE-layer indices whose router input was saved, in the order of the hidden array
-    size: int  # H (0 when none was saved)
+    size: int  # width of the stored hidden states: H, or P when projected (0 when none was saved)
+    dtype: str = "float16"  # trace.hidden_dtype (bfloat16 is stored as its raw bits; readers see float32)
+    projection: Projection | None = None  # None: the router's input as it was
+
+    def describe(self) -> str:
+        """What the store keeps of the hidden states, for error messages."""
+        if not self.layers:
+            return "no hidden states (trace.save_hidden=false)"
+        projected = f", projected to width {self.projection.width}" if self.projection else ""
+        return f"the {self.dtype} hidden states of MoE layers {self.layers}{projected}"
 
 
 @dataclass(frozen=True)
@@ -151,6 +193,7 @@ class Manifest:
     hidden: Hidden
     stack: str
     adapter: str  # the model family (speculation/tracing/registry.py)
+    lookahead_depth: int = 0  # D of the lookahead_logits field (trace.gate_lookahead); 0: not stored
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = MANIFEST_FILE) -> Manifest:
@@ -167,9 +210,15 @@ class Manifest:
                 score=routing["score"],
                 router_config=routing.get("router_config"),
             ),
-            hidden=Hidden(layers=[int(i) for i in hidden["layers"]], size=int(hidden["size"])),
+            hidden=Hidden(
+                layers=[int(i) for i in hidden["layers"]],
+                size=int(hidden["size"]),
+                dtype=(raw.get("dtypes") or {}).get("hidden", "float16"),
+                projection=Projection(**hidden["projection"]) if hidden.get("projection") else None,
+            ),
             stack=str(raw["stack"]),
             adapter=raw["adapter"],
+            lookahead_depth=int((raw.get("lookahead") or {}).get("depth", 0)),
         )
 
     @property
@@ -214,6 +263,18 @@ class Manifest:
     def missing_hidden(self, layers: range | list[int]) -> list[int]:
         return sorted(set(layers) - set(self.hidden.layers))
 
+    def router_input_problem(self, layers: range | list[int], needs: str) -> str | None:
+        """Why these traces cannot feed the traced routers the hidden state entering ``layers`` (``needs``: who
+        asks, e.g. "gate_lookahead"), or None: the states must be there and unprojected."""
+        missing = self.missing_hidden(layers)
+        if not missing and self.hidden.projection is None:
+            return None
+        cause = f"MoE layers {missing} were not kept" if missing else "they were randomly projected"
+        return (
+            f"{needs} applies the traced routers to the hidden states, but the traces hold {self.hidden.describe()} "
+            f"({cause}); re-collect with trace.save_hidden=true trace.hidden_layers=null trace.hidden_projection=null"
+        )
+
     def fingerprint(self) -> str:
         """Identifies the traced model by content (weights, tokenizer, config), its stack and geometry, not by
         its name, path or corpus: a predictor fitted on other traces of the same model may be scored on these,
@@ -253,6 +314,9 @@ def range_problems(manifest: dict[str, Any]) -> list[str]:
     bad_hidden = [i for i in manifest["hidden"]["layers"] if i >= len(routing["layers"])]
     if bad_hidden:
         problems.append(f"hidden.layers {bad_hidden} are not among the {len(routing['layers'])} MoE layers")
+    depth = (manifest.get("lookahead") or {}).get("depth", 0)
+    if depth >= len(routing["layers"]):
+        problems.append(f"lookahead.depth={depth} leaves the {len(routing['layers'])} MoE layers")
     limits = {"experts": (-1, routing["num_experts"] - 1), "doc": (0, None), "pos": (0, None), "seq": (0, None)}
     limits["token"] = (0, geometry["vocab_size"] - 1 if "vocab_size" in geometry else None)
     for split, entry in manifest["splits"].items():

@@ -17,16 +17,17 @@ import pandas as pd
 from speculation.errors import MissingInputError, UserError
 from speculation.io import file_sha256
 from speculation.traces.manifest import COLLECT_FIX, SCHEMA_VERSION, Manifest, TraceFormatError
-from speculation.traces.store import ShardInfo, _load_shard
+from speculation.traces.store import ShardInfo, _load_shard, from_bfloat16_bits
 from speculation.workdir import MANIFEST_FILE, TOKENS_FILE, Workdir
 
 
 class TraceSplit:
     """One split: memory-mapped shards plus row gathers across them."""
 
-    def __init__(self, directory: Path, name: str, entry: Mapping[str, Any]) -> None:
+    def __init__(self, directory: Path, name: str, entry: Mapping[str, Any], hidden_dtype: str = "float16") -> None:
         self.directory = Path(directory)
         self.name = name
+        self.hidden_dtype = hidden_dtype  # manifest.hidden.dtype: bfloat16 bits are decoded to float32 on read
         self.infos = [ShardInfo.from_dict(shard) for shard in entry["shards"]]
         self._expected_rows = int(entry["rows"])
         self._open()
@@ -34,7 +35,9 @@ class TraceSplit:
     def _open(self) -> None:
         if not self.infos:
             raise TraceFormatError(f"split {self.name!r} in the manifest has no shards; {COLLECT_FIX}")
-        self.shards: list[dict[str, np.ndarray]] = [_load_shard(self.directory / i.name, i) for i in self.infos]
+        self.shards: list[dict[str, np.ndarray]] = [
+            _load_shard(self.directory / i.name, i, self.hidden_dtype) for i in self.infos
+        ]
         self.fields: tuple[str, ...] = tuple(self.shards[0])
         for info, shard in zip(self.infos, self.shards, strict=True):
             if tuple(shard) != self.fields:
@@ -64,10 +67,14 @@ class TraceSplit:
         if unknown:
             raise ValueError(f"split {self.name!r} has no field(s) {unknown}; it has {list(self.fields)}")
 
+    def _decoded(self, field: str, values: np.ndarray) -> np.ndarray:
+        """Stored values as every consumer reads them: bfloat16 hidden states (uint16 bits) as float32."""
+        return from_bfloat16_bits(values) if field == "hidden" and self.hidden_dtype == "bfloat16" else values
+
     def array(self, field: str) -> np.ndarray:
         """All shards of one field concatenated in memory, e.g. ``experts`` -> [N, L, K]."""
         self._check_fields([field])
-        return np.concatenate([shard[field] for shard in self.shards])
+        return self._decoded(field, np.concatenate([shard[field] for shard in self.shards]))
 
     def rows(self, indices: np.ndarray, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Gather global rows [M] (any order, repeats allowed) -> {field: [M, ...]}; reads only those rows."""
@@ -92,12 +99,12 @@ class TraceSplit:
             local = sorted_idx[lo:hi] - self.offsets[s]
             for name in fields:
                 out[name][order[lo:hi]] = shard[name][local]
-        return out
+        return {name: self._decoded(name, values) for name, values in out.items()}
 
     def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
-        """Yield each shard as ``{field: read-only memmap}`` in row order."""
+        """Yield each shard as ``{field: read-only memmap}`` in row order (bfloat16 hidden states: float32 copies)."""
         for shard in self.shards:
-            yield dict(shard)
+            yield {name: self._decoded(name, values) for name, values in shard.items()}
 
     def tokens_frame(self) -> pd.DataFrame:
         """Per-token metadata: columns row, doc, pos, seq, token."""
@@ -169,7 +176,7 @@ class TraceStore:
         if name not in self.manifest.splits:
             raise UserError(f"no split {name!r} in {self.root}; available splits: {self.splits}")
         if name not in self._split_cache:
-            split = TraceSplit(self.root / name, name, self.manifest.splits[name])
+            split = TraceSplit(self.root / name, name, self.manifest.splits[name], self.manifest.hidden.dtype)
             self._check_geometry(split)
             self._split_cache[name] = split
         return self._split_cache[name]
@@ -180,10 +187,13 @@ class TraceStore:
             "experts": (num_layers, self.max_experts_per_token),
             "logits": (num_layers, self.num_experts),
         }
+        depth = self.manifest.lookahead_depth
+        if depth or "lookahead_logits" in split.fields:
+            expected["lookahead_logits"] = (num_layers, depth, self.num_experts)
         for name, trailing in expected.items():
-            shape = split.shards[0][name].shape
-            if shape[1:] != trailing:
+            shape = split.shards[0][name].shape if name in split.fields else None
+            if shape is None or shape[1:] != trailing:
                 raise TraceFormatError(
-                    f"{split.directory / split.infos[0].name}/{name}.npy has shape {shape}, manifest routing "
-                    f"implies [N, {trailing[0]}, {trailing[1]}]; delete {self.root} and re-run spec-collect"
+                    f"{split.directory / split.infos[0].name}/{name}.npy has shape {shape}, the manifest implies "
+                    f"[N, {', '.join(map(str, trailing))}]; delete {self.root} and re-run spec-collect"
                 )

@@ -2,8 +2,9 @@
 
 The trace store keeps, per token, the routing of every MoE layer and (optionally) the hidden state entering
 chosen routers. The hidden states dominate for big models: Mixtral-8x7B's 32 layers of width 4096 in float16 are
-256 KiB per token. :func:`bytes_per_token` says how much each option costs before a run, for any geometry;
-``tests/test_stage_collect.py`` holds it equal to what a written store really holds.
+256 KiB per token; the compact options (stored gate-lookahead logits, a random projection) keep what the
+predictors read in far less. :func:`bytes_per_token` says how much each option costs before a run, for any geometry;
+``tests/test_stage_collect.py`` and ``tests/test_compact_traces.py`` hold it equal to what written stores hold.
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ KNOWN_GEOMETRIES = (
 )
 
 
-def bytes_per_token(geometry: TraceGeometry, hidden_layers: int | None = None) -> dict[str, int]:
+def bytes_per_token(
+    geometry: TraceGeometry, hidden_layers: int | None = None, lookahead: int = 0, projection: int | None = None
+) -> dict[str, int]:
     """Bytes each stored field takes per token, and their ``total``; ``hidden_layers``: how many layers' hidden
-    states are kept (None: every MoE layer, as ``trace.hidden_layers=null``; 0: ``trace.save_hidden=false``)."""
+    states are kept (None: every MoE layer, as ``trace.hidden_layers=null``; 0: ``trace.save_hidden=false``);
+    ``lookahead``: ``trace.gate_lookahead`` (0 for null); ``projection``: ``trace.hidden_projection`` (the stored
+    width). ``trace.hidden_dtype`` changes no size: bfloat16 and float16 both take 2 bytes."""
     L, E, K, H = geometry.num_layers, geometry.num_experts, geometry.experts_per_token, geometry.hidden_size
     kept = L if hidden_layers is None else hidden_layers
     elements = {"experts": L * K, "gates": L * K, "dropped": L * K, "logits": L * E}
     elements |= dict.fromkeys(_PER_TOKEN_FIELDS, 1)
     if kept:
-        elements["hidden"] = kept * H
+        elements["hidden"] = kept * (projection or H)
+    if lookahead:
+        elements["lookahead_logits"] = L * lookahead * E
     sizes = {name: count * TRACE_FIELDS[name].itemsize for name, count in elements.items()}
     return {**sizes, "total": sum(sizes.values())}

@@ -9,7 +9,7 @@ Layout of a trace directory ``root`` (``Workdir.traces()``)::
 ``manifest["splits"][name]`` is what ``SplitWriter.finalize`` returns.
 
 Shape legend (docs/glossary.md): N token rows (real tokens, ordered by (seq, pos)), L MoE layers, K expert slots
-per token, E experts, Lh traced hidden layers, H hidden width.
+per token, E experts, Lh traced hidden layers, H hidden width (P when projected), D stored lookaheads.
 
 A shard is written into ``shard-XXXXX.tmp/`` and renamed (:func:`speculation.io.atomic_directory`), so a crash
 leaves either a complete shard or a ``.tmp`` directory that the next writer deletes; a collection resumes at the
@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from speculation.config.collect import HIDDEN_DTYPES
 from speculation.errors import UserError
 from speculation.io import atomic_directory, atomic_write_bytes, file_sha256, remove_stale_temps
 from speculation.traces.manifest import (
@@ -45,14 +47,22 @@ TRACE_FIELDS: dict[str, np.dtype] = {
     "gates": np.dtype(np.float16),  # [N, L, K]
     "dropped": np.dtype(np.bool_),  # [N, L, K]; optional: slot chosen by the router but over capacity
     "logits": np.dtype(np.float16),  # [N, L, E]
-    "hidden": np.dtype(np.float16),  # [N, Lh, H]; optional
+    "hidden": np.dtype(np.float16),  # [N, Lh, H]; optional; bfloat16 bits as uint16 if manifest.dtypes says so
+    "lookahead_logits": np.dtype(np.float16),  # [N, L, D, E]; optional: router l+d's scores of the input of l
     "token": np.dtype(np.int32),  # [N]
     "doc": np.dtype(np.int32),  # [N] document index
     "pos": np.dtype(np.int32),  # [N] position inside the document
     "seq": np.dtype(np.int32),  # [N] index of the traced sequence (one model context)
 }
-REQUIRED_FIELDS: tuple[str, ...] = tuple(name for name in TRACE_FIELDS if name not in ("hidden", "dropped"))
-_RANK = {"experts": 3, "gates": 3, "dropped": 3, "logits": 3, "hidden": 3, "token": 1, "doc": 1, "pos": 1, "seq": 1}
+OPTIONAL_FIELDS = ("hidden", "dropped", "lookahead_logits")
+REQUIRED_FIELDS: tuple[str, ...] = tuple(name for name in TRACE_FIELDS if name not in OPTIONAL_FIELDS)
+_RANK = {"experts": 3, "gates": 3, "dropped": 3, "logits": 3, "hidden": 3, "lookahead_logits": 4,
+         "token": 1, "doc": 1, "pos": 1, "seq": 1}  # fmt: skip
+# trace.hidden_dtype -> the numpy dtype of hidden.npy: numpy has no bfloat16, so its bits are stored as uint16.
+_HIDDEN_STORAGE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+_RANGE = {"float16": "±65504", "bfloat16": "±3.39e38"}
+_TORCH_HIDDEN = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+LOOKAHEAD_FILL = 0.0  # lookahead_logits at (l, d) with no layer l + d: flat scores (manifest.lookahead.fill)
 _TOKEN_COLUMNS = ("doc", "pos", "seq", "token")
 
 
@@ -81,7 +91,53 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _validate(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def field_dtypes(hidden_dtype: str = "float16") -> dict[str, np.dtype]:
+    """Each field's dtype on disk for a store whose hidden states are ``hidden_dtype`` (``trace.hidden_dtype``)."""
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"hidden dtype {hidden_dtype!r} is not one of {HIDDEN_DTYPES}")
+    return TRACE_FIELDS | {"hidden": _HIDDEN_STORAGE[hidden_dtype]}
+
+
+def manifest_dtypes(hidden_dtype: str = "float16", lookahead: bool = False) -> dict[str, str]:
+    """The manifest's ``dtypes``: each field's dtype by name (``bfloat16`` for bfloat16 bits). The lookahead field
+    is listed only in a store that has it, so a default manifest is what it was before that field existed."""
+    names = {name: dtype.name for name, dtype in TRACE_FIELDS.items() if name != "lookahead_logits" or lookahead}
+    return names | {"hidden": hidden_dtype}
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float values -> their bfloat16 rounding (round to nearest even, as torch casts) as raw uint16 bits."""
+    as_float = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    return as_float.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def round_hidden(hidden: torch.Tensor, hidden_dtype: str) -> torch.Tensor:
+    """``hidden`` as float32 values of what a store of ``hidden_dtype`` holds of it (the same rounding as
+    :func:`_cast`: IEEE round to nearest even, in numpy for float16 and torch for bfloat16)."""
+    return hidden.float().to(_TORCH_HIDDEN[hidden_dtype]).float()
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """Raw bfloat16 bits (uint16) -> float32, exactly (bfloat16 is float32's upper half)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _cast(name: str, arr: np.ndarray, dtype: np.dtype, hidden_dtype: str) -> np.ndarray:
+    """``arr`` in its stored dtype; a ValueError for a float that does not fit it (overflow to inf)."""
+    if name == "hidden" and hidden_dtype == "bfloat16":
+        cast = np.ascontiguousarray(to_bfloat16_bits(arr))
+        finite = np.isfinite(from_bfloat16_bits(cast)).all()
+    else:
+        with np.errstate(over="ignore"):  # overflow to inf is caught just below
+            cast = np.ascontiguousarray(arr.astype(dtype, copy=False))
+        finite = dtype.kind != "f" or np.isfinite(cast).all()
+    if not finite:
+        kind = hidden_dtype if name == "hidden" else "float16"
+        raise ValueError(f"field {name!r} has non-finite values or values beyond {kind} range ({_RANGE[kind]})")
+    return cast
+
+
+def _validate(arrays: Mapping[str, np.ndarray], hidden_dtype: str = "float16") -> dict[str, np.ndarray]:
     """Check fields, ranks and shapes; return C-contiguous arrays in the stored dtypes."""
     unknown = sorted(set(arrays) - set(TRACE_FIELDS))
     if unknown:
@@ -103,11 +159,7 @@ def _validate(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             low, high = (-1 if name == "experts" else 0), np.iinfo(dtype).max
             if arr.min() < low or arr.max() > high:
                 raise ValueError(f"field {name!r} has values in [{arr.min()}, {arr.max()}], not [{low}, {high}]")
-        with np.errstate(over="ignore"):  # overflow to inf is caught just below
-            cast = np.ascontiguousarray(arr.astype(dtype, copy=False))
-        if dtype.kind == "f" and not np.isfinite(cast).all():
-            raise ValueError(f"field {name!r} has non-finite values or values beyond float16 range (±65504)")
-        out[name] = cast
+        out[name] = _cast(name, arr, dtype, hidden_dtype)
     experts = out["experts"]
     for name, arr in out.items():
         if arr.shape[0] != experts.shape[0]:
@@ -115,14 +167,17 @@ def _validate(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     for name in ("gates", "dropped"):
         if name in out and out[name].shape != experts.shape:
             raise ValueError(f"field {name!r} has shape {out[name].shape}, 'experts' has {experts.shape}")
-    if out["logits"].shape[1] != experts.shape[1]:
-        raise ValueError(f"field 'logits' has {out['logits'].shape[1]} layers, 'experts' has {experts.shape[1]}")
+    for name in ("logits", "lookahead_logits"):
+        if name in out and out[name].shape[1] != experts.shape[1]:
+            raise ValueError(f"field {name!r} has {out[name].shape[1]} layers, 'experts' has {experts.shape[1]}")
     return out
 
 
-def _load_shard(shard_dir: Path, info: ShardInfo) -> dict[str, np.ndarray]:
-    """Memory-map every file of a shard; TraceFormatError if one is missing or malformed."""
+def _load_shard(shard_dir: Path, info: ShardInfo, hidden_dtype: str = "float16") -> dict[str, np.ndarray]:
+    """Memory-map every file of a shard (hidden states as stored: bfloat16 bits stay uint16); TraceFormatError if
+    one is missing or malformed."""
     fix = f"delete {shard_dir} and {COLLECT_FIX}"
+    dtypes = field_dtypes(hidden_dtype)
     arrays: dict[str, np.ndarray] = {}
     for file_name in info.sha256:
         name = file_name.removesuffix(".npy")
@@ -135,9 +190,9 @@ def _load_shard(shard_dir: Path, info: ShardInfo) -> dict[str, np.ndarray]:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as err:
             raise TraceFormatError(f"{path} is not a readable .npy file ({err}); {fix}") from err
-        if arr.dtype != TRACE_FIELDS[name] or arr.ndim != _RANK[name] or arr.shape[0] != info.rows:
+        if arr.dtype != dtypes[name] or arr.ndim != _RANK[name] or arr.shape[0] != info.rows:
             raise TraceFormatError(
-                f"{path} has dtype {arr.dtype} shape {arr.shape}, expected {TRACE_FIELDS[name]} with rank "
+                f"{path} has dtype {arr.dtype} shape {arr.shape}, expected {dtypes[name]} with rank "
                 f"{_RANK[name]} and {info.rows} rows; {fix}"
             )
         arrays[name] = arr
@@ -148,11 +203,13 @@ class SplitWriter:
     """Writes the shards of one split. Safe to re-create after a crash: stale ``.tmp`` entries are deleted, unless
     ``remove_temps`` is false (a rank of a multi-rank collection: another rank may be writing one right now)."""
 
-    def __init__(self, root: Path | str, split: str, remove_temps: bool = True) -> None:
+    def __init__(self, root: Path | str, split: str, hidden_dtype: str = "float16", remove_temps: bool = True) -> None:
         if not split or split in (".", "..") or "/" in split or os.sep in split:
             raise ValueError(f"split name {split!r} must be a plain directory name")
+        field_dtypes(hidden_dtype)  # a bad name fails here, before any shard
         self.root = Path(root)
         self.split = split
+        self.hidden_dtype = hidden_dtype  # trace.hidden_dtype
         self.directory = self.root / split
         self.directory.mkdir(parents=True, exist_ok=True)
         if remove_temps:
@@ -176,7 +233,7 @@ class SplitWriter:
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray]) -> ShardInfo:
         """Validate, cast and atomically write one shard (see ``TRACE_FIELDS`` for shapes)."""
-        cast = _validate(arrays)
+        cast = _validate(arrays, self.hidden_dtype)
         final = self.directory / _shard_name(index)
         digests: dict[str, str] = {}
         with atomic_directory(final) as tmp:
@@ -205,7 +262,7 @@ class SplitWriter:
     def read_shard(self, index: int, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Memory-map a complete shard (optionally only ``fields`` that it has)."""
         info = self.shard_info(index)
-        shard = _load_shard(self.directory / info.name, info)
+        shard = _load_shard(self.directory / info.name, info, self.hidden_dtype)
         return {name: arr for name, arr in shard.items() if fields is None or name in fields}
 
     def finalize(self, num_shards: int) -> dict[str, Any]:
@@ -222,7 +279,7 @@ class SplitWriter:
         columns: dict[str, list[np.ndarray]] = {name: [] for name in _TOKEN_COLUMNS}
         reference: dict[str, tuple[int, ...]] | None = None
         for info in infos:
-            shard = _load_shard(self.directory / info.name, info)
+            shard = _load_shard(self.directory / info.name, info, self.hidden_dtype)
             signature = {name: arr.shape[1:] for name, arr in shard.items()}
             if reference is None:
                 reference = signature

@@ -66,6 +66,12 @@ class ModelAdapter:
         """Router parameters needed to re-apply this router elsewhere (the gate-lookahead baseline)."""
         return {name: param.detach().cpu() for name, param in site.module.state_dict().items()}
 
+    def router_scores(self, site: RouterSite, hidden_NH: torch.Tensor) -> torch.Tensor:
+        """The deterministic scoring part of ``site``'s router applied to ``hidden_NH`` [N, H]: float32 scores [N, E]
+        on ``hidden_NH``'s device, computed as ``RouterBank.scores`` computes them from the exported weights (no
+        noise, no span sharing, no selection), without running the router module (whose hooks record routing)."""
+        raise NotImplementedError
+
     def routing_meta(self, model: nn.Module) -> dict[str, Any]:
         """How a router turns logits into choices, for re-applying it (gate-lookahead) and reading its logits.
 
@@ -104,6 +110,11 @@ class EmbeddedSwitchAdapter(ModelAdapter):
             dropped_NK=output.dropped_BTK.reshape(num_tokens, -1),
             hidden_NH=hidden_BTH.reshape(num_tokens, -1),
         )
+
+    def router_scores(self, site: RouterSite, hidden_NH: torch.Tensor) -> torch.Tensor:
+        # Router.scores is the gate (linear / noisy without its training noise / cosine) and the temperature.
+        device = next(site.module.parameters()).device
+        return site.module.scores(hidden_NH.to(device)).to(hidden_NH.device)
 
     def routing_meta(self, model: nn.Module) -> dict[str, Any]:
         # The router config (enums as their names) is what rebuilds a Router for the gate-lookahead baseline.

@@ -32,7 +32,8 @@ from speculation.health import RouterHealth
 from speculation.identity import claim_identity
 from speculation.io import atomic_path, atomic_write_json
 from speculation.plots import save_figure, utilisation_heatmap
-from speculation.traces import TRACE_FIELDS, SplitWriter, write_manifest
+from speculation.traces import SplitWriter, write_manifest
+from speculation.traces.store import LOOKAHEAD_FILL, manifest_dtypes
 from speculation.tracing.feeders import Chunk, make_chunks, sample_order
 from speculation.tracing.recorder import RoutingRecorder
 from speculation.workdir import (
@@ -41,6 +42,7 @@ from speculation.workdir import (
     IDENTITY_FILE,
     MANIFEST_FILE,
     PRIMARY_STACK,
+    PROJECTION_FILE,
     ROUTER_WEIGHTS_FILE,
     SUMMARY_FILE,
     Workdir,
@@ -126,9 +128,39 @@ def save_router_weights(recorder: RoutingRecorder, path: Path) -> None:
         save_file(tensors, tmp, metadata={"format": recorder.adapter.family})
 
 
+def _recorder_options(cfg: TraceConfig) -> dict[str, Any]:
+    """What ``trace`` asks the recorder to keep (the hidden layers and the compact options)."""
+    projection = None if cfg.hidden_projection is None else (cfg.hidden_projection, cfg.projection_seed)
+    return {
+        "hidden_sites": cfg.hidden_layers if cfg.save_hidden else [],
+        "hidden_dtype": cfg.hidden_dtype,
+        "lookahead": cfg.gate_lookahead or 0,
+        "projection": projection,
+    }
+
+
+def _compact_entries(recorder: RoutingRecorder, geometry: dict) -> dict:
+    """The manifest's ``hidden`` entry, and ``lookahead`` when it was stored (compact entries only when set)."""
+    hidden: dict[str, Any] = {"layers": recorder.hidden_sites, "size": 0, "source": "the router's input"}
+    if recorder.hidden_sites:
+        hidden["size"] = geometry["d_model"] if recorder.projection is None else recorder.projection[0]
+    if recorder.projection is not None and recorder.hidden_sites:
+        width, seed = recorder.projection
+        hidden["projection"] = {"width": width, "input_size": geometry["d_model"], "seed": seed,
+                                "file": PROJECTION_FILE}  # fmt: skip
+    entries = {"hidden": hidden}
+    if recorder.lookahead:
+        entries["lookahead"] = {
+            "depth": recorder.lookahead,
+            "fill": LOOKAHEAD_FILL,
+            "field": "lookahead_logits",
+            "source": f"router l+d on the router input of l, rounded to {recorder.hidden_dtype}",
+        }
+    return entries
+
+
 def _stack_manifest(recorder: RoutingRecorder, model: nn.Module, workdir: Workdir, stacks: Sequence[str]) -> dict:
     geometry = recorder.adapter.geometry(model)
-    hidden_size = geometry["d_model"] if recorder.hidden_sites else 0
     root = workdir.traces(recorder.stack)
     return {
         "stack": recorder.stack,
@@ -141,8 +173,8 @@ def _stack_manifest(recorder: RoutingRecorder, model: nn.Module, workdir: Workdi
             "layers": recorder.layer_labels,
             **recorder.adapter.routing_meta(model),
         },
-        "hidden": {"layers": recorder.hidden_sites, "size": hidden_size, "source": "the router's input"},
-        "dtypes": {name: np.dtype(dtype).name for name, dtype in TRACE_FIELDS.items()},
+        **_compact_entries(recorder, geometry),
+        "dtypes": manifest_dtypes(recorder.hidden_dtype, lookahead=bool(recorder.lookahead)),
         "router_weights": {"file": ROUTER_WEIGHTS_FILE, "format": recorder.adapter.family},
     }
 
@@ -160,6 +192,9 @@ def _write_store(
     """One stack's router weights, summary, utilisation figure and (last, marking it complete) manifest."""
     root = workdir.traces(recorder.stack)
     save_router_weights(recorder, root / ROUTER_WEIGHTS_FILE)
+    if recorder.projection_HP is not None:
+        with atomic_path(root / PROJECTION_FILE) as tmp:
+            save_file({"projection": recorder.projection_HP.contiguous()}, tmp)
     atomic_write_json(root / SUMMARY_FILE, summary, sort_keys=True, default=str)
     title = f"{recorder.stack} expert utilisation (uniform = {1 / health.num_experts:.3f})"
     heatmap = save_figure(
@@ -216,10 +251,11 @@ def collect_traces(
             for split in cfg.splits:  # a killed writer's leftovers go before any rank writes again
                 SplitWriter(workdir.traces(stack), split)
     barrier()
-    hidden_sites = cfg.hidden_layers if cfg.save_hidden else []
-    recorders = {stack: RoutingRecorder(model, stack=stack, hidden_sites=hidden_sites) for stack in stacks}
-    writers = {
-        split: {stack: SplitWriter(workdir.traces(stack), split, remove_temps=False) for stack in stacks}
+    recorders = {stack: RoutingRecorder(model, stack=stack, **_recorder_options(cfg)) for stack in stacks}
+    writers = {  # no cleaning here: another rank may be writing a shard already
+        split: {
+            stack: SplitWriter(workdir.traces(stack), split, cfg.hidden_dtype, remove_temps=False) for stack in stacks
+        }
         for split in cfg.splits
     }
     shards = {

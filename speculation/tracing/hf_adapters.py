@@ -117,6 +117,21 @@ class _HFAdapter(ModelAdapter):
             named = itertools.chain(site.module.named_parameters(), site.module.named_buffers())
             return {name: tensor.detach().cpu().clone() for name, tensor in named}
 
+    def _linear(self, router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The router's (weight [E, H], bias [E] or None): what RouterBank rebuilds as an ``nn.Linear``."""
+        return router.weight, getattr(router, "bias", None)
+
+    def router_scores(self, site: RouterSite, hidden_NH: torch.Tensor) -> torch.Tensor:
+        from accelerate.utils import align_module_device
+
+        with align_module_device(site.module):  # an offloaded router's real weights, for this call
+            weight, bias = self._linear(site.module)
+            device = weight.device
+            scores = torch.nn.functional.linear(
+                hidden_NH.to(device).float(), weight.float(), None if bias is None else bias.float()
+            )
+        return scores.to(hidden_NH.device)
+
     def _expert_geometry(self, model: nn.Module, num_experts: int) -> dict[str, Any]:
         """Bytes per routed expert and per layer of shared experts, from the first MoE block's tensors."""
         first_name = self._routers(model)[0][0]
@@ -147,6 +162,9 @@ class SwitchTransformersAdapter(_HFAdapter):
             stack, block = found.group(1), int(found.group(2))
             sites.append(RouterSite(label=f"{stack}.{block}", stack=stack, layer=block, module=module))
         return sites
+
+    def _linear(self, router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return router.classifier.weight, router.classifier.bias  # router_dtype (float32) logits of the classifier
 
     def capture(self, site: RouterSite, args: tuple, kwargs: dict, output: Any) -> RouterCapture:
         dispatch_BTE, max_prob_BT1, logits_BTE = output

@@ -21,16 +21,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from speculation.config.rules import trace_lookahead_problem
 from speculation.errors import UserError
-from speculation.tracing.adapters import ModelAdapter, RouterSite
+from speculation.traces.store import LOOKAHEAD_FILL, round_hidden
+from speculation.tracing.adapters import ModelAdapter, RouterCapture, RouterSite
 from speculation.tracing.registry import find_adapter
+
+
+def random_projection(input_size: int, width: int, seed: int) -> torch.Tensor:
+    """``trace.hidden_projection``'s fixed matrix [H, P]: i.i.d. N(0, 1/P) entries drawn from ``seed`` on the CPU
+    (Johnson-Lindenstrauss: it keeps inner products of hidden states in expectation). Saved with the traces, so
+    reading them never depends on torch's generator staying the same."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(input_size, width, generator=generator) / width**0.5
 
 
 class RoutingRecorder:
     """Attach to every router site of ``model`` found by its adapter.
 
     ``hidden_sites`` selects which sites' router inputs are kept (indices into :attr:`sites`; None = all,
-    empty = none).
+    empty = none). The compact options (``trace.*``, docs/architecture.md): ``projection`` = (P, seed) replaces
+    the kept hidden states by ``hidden @ projection_HP`` (:func:`random_projection`, [H, P]); ``lookahead`` = D
+    adds ``lookahead_logits`` [N, L, D, E], router ``l + d``'s scores of the hidden state entering ``l`` as a
+    store of ``hidden_dtype`` rounds it (so they are what gate-lookahead computes from that store's hidden states).
     """
 
     def __init__(
@@ -39,6 +52,9 @@ class RoutingRecorder:
         adapter: ModelAdapter | None = None,
         hidden_sites: Sequence[int] | None = None,
         stack: str | None = None,
+        hidden_dtype: str = "float16",
+        lookahead: int = 0,
+        projection: tuple[int, int] | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter or find_adapter(model)
@@ -56,6 +72,14 @@ class RoutingRecorder:
         bad = [i for i in self.hidden_sites if i not in all_sites]
         if bad:
             raise UserError(f"hidden layer indices {bad} are out of range: the model has {len(self.sites)} MoE layers.")
+        if problem := trace_lookahead_problem(
+            lookahead, len(self.sites), f"the {self.stack} of {type(model).__name__}"
+        ):
+            raise UserError(problem)
+        self.hidden_dtype, self.lookahead, self.projection = hidden_dtype, lookahead, projection
+        self.projection_HP = None
+        if projection is not None:
+            self.projection_HP = random_projection(self.adapter.geometry(model)["d_model"], *projection)
         self._captures: dict[int, tuple[tuple, dict, Any]] = {}
         self._handles: list[Any] = []
 
@@ -94,11 +118,26 @@ class RoutingRecorder:
 
         return hook
 
+    def _lookahead_logits(self, captures: list[RouterCapture]) -> torch.Tensor:
+        """[N, L, D, E] float32: entry (l, j) is router ``l + j + 1``'s scores of the hidden state entering ``l``
+        (rounded as the store rounds it); ``LOOKAHEAD_FILL`` where ``l + j + 1 >= L``."""
+        inputs = [round_hidden(capture.hidden_NH, self.hidden_dtype) for capture in captures]
+        num_tokens, num_layers = inputs[0].shape[0], len(self.sites)
+        num_experts = captures[0].logits_NE.shape[-1]
+        out_NLDE = inputs[0].new_full((num_tokens, num_layers, self.lookahead, num_experts), LOOKAHEAD_FILL)
+        for target in range(1, num_layers):
+            sources = range(max(0, target - self.lookahead), target)
+            # One router call per target layer, on the hidden states of all its source layers at once
+            scores = self.adapter.router_scores(self.sites[target], torch.cat([inputs[s] for s in sources]))
+            for i, source in enumerate(sources):
+                out_NLDE[:, source, target - source - 1] = scores[i * num_tokens : (i + 1) * num_tokens]
+        return out_NLDE
+
     def collect(self, mask_BT: torch.Tensor) -> dict[str, np.ndarray]:
         """Routing of the real tokens of the last forward pass, token-major, then forget it.
 
         ``mask_BT`` is the bool mask of real tokens of the stack this recorder traces. Returns float32
-        logits/gates/hidden, int64 experts and bool dropped, stacked over sites: [N, L, ...].
+        logits/gates/hidden (and lookahead_logits), int64 experts and bool dropped, stacked over sites: [N, L, ...].
         """
         missing = [site.label for i, site in enumerate(self.sites) if i not in self._captures]
         if missing:
@@ -123,7 +162,12 @@ class RoutingRecorder:
             "dropped": torch.stack([c.dropped_NK for c in captures], dim=1).bool(),
         }
         if self.hidden_sites:
-            fields["hidden"] = torch.stack([captures[i].hidden_NH for i in self.hidden_sites], dim=1).float()
+            hidden_NLH = torch.stack([captures[i].hidden_NH for i in self.hidden_sites], dim=1).float()
+            if self.projection_HP is not None:
+                hidden_NLH = hidden_NLH @ self.projection_HP.to(hidden_NLH.device)
+            fields["hidden"] = hidden_NLH
+        if self.lookahead:
+            fields["lookahead_logits"] = self._lookahead_logits(captures)
         self._captures.clear()
         if not bool(keep_N.all()):  # full batches (the common case) skip the gather
             rows_N = keep_N.nonzero().squeeze(1)
