@@ -86,17 +86,20 @@ class GateLookaheadPredictor(Predictor):
                 chunk = slice(start, start + self.rows_per_chunk)
                 hidden = torch.from_numpy(np.ascontiguousarray(hidden_NH[chunk], dtype=np.float32))
                 for i, target in enumerate(targets):
-                    log_probs = self.routers.log_distribution(self.routers.scores(hidden, target))
-                    probs_NDE[chunk, i] = log_probs.exp().numpy()
+                    # The scores as a store keeps them (float16, like the logits the targets come from): this path
+                    # and the stored scores' (trace.gate_lookahead) then score identically, bit for bit.
+                    scores_NE = self.routers.scores(hidden, target).half().float()
+                    probs_NDE[chunk, i] = self.routers.log_distribution(scores_NE).exp().numpy()
         return max_confidence(probs_NDE)
 
 
 class StoredGateLookaheadPredictor(Predictor):
     """Gate lookahead from the scores the trace stored (``batch.lookahead_NLDE``, ``trace.gate_lookahead=D``).
 
-    The scores are what :class:`GateLookaheadPredictor` computes from a store's hidden states, stored as float16,
-    and they go through the same :func:`~speculation.predictors.routers.log_distribution`: the two agree to the
-    float16 rounding of the scores (tested). It reaches lookaheads 1..D only (``max_lookahead``).
+    The scores are what :class:`GateLookaheadPredictor` computes from a store's hidden states, stored as float16
+    (that path rounds them the same way), and they go through the same
+    :func:`~speculation.predictors.routers.log_distribution`: the two give identical predictions and metrics
+    (tested). It reaches lookaheads 1..D only (``max_lookahead``).
     """
 
     name = "gate_lookahead"
@@ -130,7 +133,7 @@ class StoredGateLookaheadPredictor(Predictor):
         probs_NDE = np.empty((batch.num_rows, len(lookaheads), batch.probs_NLE.shape[-1]), np.float32)
         with torch.inference_mode():
             for i, d in enumerate(lookaheads):  # one [N, E] block per d, as the hidden-state path computes it
-                scores_NE = torch.from_numpy(np.ascontiguousarray(batch.lookahead_NLDE[:, layer, d - 1]))
+                scores_NE = torch.from_numpy(np.ascontiguousarray(batch.lookahead_NLDE[:, layer, d - 1])).float()
                 probs_NDE[:, i] = log_distribution(scores_NE, self.score).exp().numpy()
         return max_confidence(probs_NDE)
 
