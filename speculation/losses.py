@@ -6,11 +6,16 @@ lookahead d = j + 1), E experts of the target layer l + d.
 Every term is a masked mean: sum over the bool mask / mask.sum().clamp_min(1), computed in float32 whatever the
 input dtype. Masked-out entries are replaced by constants before any arithmetic, so padding (even NaN or inf) never
 reaches the value or the gradient.
+
+``total``: every sum over the batch (a mean's numerator and denominator, the diversity term's mean prediction) goes
+through it. By default it is the identity: the batch is this process'. Data-parallel training passes
+:func:`speculation.distributed.total`, which sums over every rank's share of a global batch, so each rank computes
+the global batch's loss (the same value, and its gradient once averaged over ranks) from its own rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +23,25 @@ from torch import Tensor
 
 from speculation.config.predictor import LOSS_TERMS, ROUTING_MODES  # the names the config's weights use
 
+Total = Callable[[Tensor], Tensor]  # a batch sum -> the same sum over the whole (global) batch
 
-def masked_mean(values: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+
+def local(tensor: Tensor) -> Tensor:
+    """The default ``total``: the batch is this process' alone."""
+    return tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor, weight: Tensor | None = None, total: Total = local) -> Tensor:
     """sum(values[mask]) / max(mask.sum(), 1) in float32; ``values`` and ``mask`` have the same shape.
 
-    With ``weight`` (same shape): sum(w · values) / sum(w) over ``mask``."""
+    With ``weight`` (same shape): sum(w · values) / sum(w) over ``mask``. Both sums go through ``total``."""
     assert mask.dtype == torch.bool, f"mask must be bool, got {mask.dtype}"
     assert values.shape == mask.shape, f"values {tuple(values.shape)} vs mask {tuple(mask.shape)}"
     masked = torch.where(mask, values.float(), 0.0)
     if weight is None:
-        return masked.sum() / mask.sum().clamp_min(1).float()
+        return total(masked.sum()) / total(mask.sum()).clamp_min(1).float()
     weight = torch.where(mask, weight.float(), 0.0)
-    return (masked * weight).sum() / weight.sum().clamp_min(1e-12)
+    return total((masked * weight).sum()) / total(weight.sum()).clamp_min(1e-12)
 
 
 def _check_prediction(logits_BTLDE: Tensor, valid_BTLD: Tensor) -> None:
@@ -52,6 +64,7 @@ def routing_loss(
     valid_BTLD: Tensor,
     mode: str = "ce",
     weight_BTLD: Tensor | None = None,
+    total: Total = local,
 ) -> Tensor:
     """Distance of the predicted distribution q = softmax(logits) to the router's decision at layer l + d.
 
@@ -68,16 +81,18 @@ def routing_loss(
     if mode == "ce":
         target_BTLD = torch.where(valid_BTLD, target_BTLD, 0)
         nll_BTLD = -log_q_BTLDE.gather(-1, target_BTLD[..., None]).squeeze(-1)
-        return masked_mean(nll_BTLD, valid_BTLD, weight_BTLD)
+        return masked_mean(nll_BTLD, valid_BTLD, weight_BTLD, total)
     assert router_probs_BTLDE.shape == logits_BTLDE.shape, (
         f"router_probs {tuple(router_probs_BTLDE.shape)} vs logits {tuple(logits_BTLDE.shape)}"
     )
     r_BTLDE = torch.where(valid_BTLD[..., None], router_probs_BTLDE.float(), 0.0)
     kl_BTLD = (torch.xlogy(r_BTLDE, r_BTLDE) - r_BTLDE * log_q_BTLDE).sum(-1)
-    return masked_mean(kl_BTLD, valid_BTLD, weight_BTLD)
+    return masked_mean(kl_BTLD, valid_BTLD, weight_BTLD, total)
 
 
-def confidence_loss(logits_BTLDE: Tensor, confidence_BTLD: Tensor, target_BTLD: Tensor, valid_BTLD: Tensor) -> Tensor:
+def confidence_loss(
+    logits_BTLDE: Tensor, confidence_BTLD: Tensor, target_BTLD: Tensor, valid_BTLD: Tensor, total: Total = local
+) -> Tensor:
     """Binary cross-entropy of the confidence c in (0, 1) against top-1 correctness y = [argmax logits == target].
 
     mean over valid of -(y log c + (1 - y) log(1 - c)); y is a constant (no gradient into the logits through it);
@@ -90,10 +105,10 @@ def confidence_loss(logits_BTLDE: Tensor, confidence_BTLD: Tensor, target_BTLD: 
     correct_BTLD = (logits_BTLDE.detach().argmax(-1) == target_BTLD) & valid_BTLD
     confidence_BTLD = torch.where(valid_BTLD, confidence_BTLD.float(), 0.5)
     bce_BTLD = F.binary_cross_entropy(confidence_BTLD, correct_BTLD.float(), reduction="none")
-    return masked_mean(bce_BTLD, valid_BTLD)
+    return masked_mean(bce_BTLD, valid_BTLD, total=total)
 
 
-def consistency_loss(logits_BTLDE: Tensor, pair_BT: Tensor, valid_BTLD: Tensor) -> Tensor:
+def consistency_loss(logits_BTLDE: Tensor, pair_BT: Tensor, valid_BTLD: Tensor, total: Total = local) -> Tensor:
     """Temporal smoothness: sum_e (q_t,e - q_t-1,e)^2 at the same (l, d), averaged over adjacent-token pairs.
 
     q = softmax(logits). A pair counts where ``pair_BT`` marks t as having its predecessor t - 1 in the same
@@ -106,23 +121,24 @@ def consistency_loss(logits_BTLDE: Tensor, pair_BT: Tensor, valid_BTLD: Tensor) 
     q_BTLDE = _clean_log_probs(logits_BTLDE, valid_BTLD).exp()
     squared_BTLD = (q_BTLDE[:, 1:] - q_BTLDE[:, :-1]).square().sum(-1)  # T - 1 pairs (t - 1, t)
     pair_mask_BTLD = pair_BT[:, 1:, None, None] & valid_BTLD[:, 1:] & valid_BTLD[:, :-1]
-    return masked_mean(squared_BTLD, pair_mask_BTLD)
+    return masked_mean(squared_BTLD, pair_mask_BTLD, total=total)
 
 
-def diversity_loss(logits_BTLDE: Tensor, valid_BTLD: Tensor, marginal_LDE: Tensor) -> Tensor:
+def diversity_loss(logits_BTLDE: Tensor, valid_BTLD: Tensor, marginal_LDE: Tensor, total: Total = local) -> Tensor:
     """Anti-collapse: the batch's mean prediction per (l, d) should match the router's observed marginal m.
 
     qbar_l,d = mean over valid (b, t) of softmax(logits); loss = mean over (l, d) cells with any valid token of
     KL(m_l,d || qbar_l,d) = sum_e m_e (log m_e - log qbar_e), with 0 log 0 = 0 and qbar clamped at 1e-12.
-    ``marginal_LDE`` rows sum to 1 (rows of cells without valid tokens are ignored).
+    ``marginal_LDE`` rows sum to 1 (rows of cells without valid tokens are ignored). qbar's sum and count go through
+    ``total``; the mean over cells does not (every rank has the same cells then).
     """
     _check_prediction(logits_BTLDE, valid_BTLD)
     assert marginal_LDE.shape == logits_BTLDE.shape[2:], (
         f"marginal {tuple(marginal_LDE.shape)} vs logits {tuple(logits_BTLDE.shape)}"
     )
     q_BTLDE = _clean_log_probs(logits_BTLDE, valid_BTLD).exp()
-    count_LD = valid_BTLD.sum((0, 1))
-    summed_LDE = torch.where(valid_BTLD[..., None], q_BTLDE, 0.0).sum((0, 1))
+    count_LD = total(valid_BTLD.sum((0, 1)))
+    summed_LDE = total(torch.where(valid_BTLD[..., None], q_BTLDE, 0.0).sum((0, 1)))
     mean_LDE = summed_LDE / count_LD.clamp_min(1).float()[..., None]
     cell_LD = count_LD > 0
     m_LDE = torch.where(cell_LD[..., None], marginal_LDE.float(), 0.0)

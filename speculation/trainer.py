@@ -6,6 +6,14 @@ returns the loss, and the loop does backward, gradient clipping and the optimize
 (and at the last) ``on_eval`` adds validation numbers to the step's record and may stop the run early. Every
 ``checkpoint_every`` steps model, optimizer and loop state go to ``state_path`` atomically, so a killed run resumes
 and takes exactly the steps an uninterrupted one would.
+
+Under torchrun (``ranks``, data-parallel predictor training) every rank runs this loop in step with the others:
+``step_fn`` returns the global batch's loss on every rank and the loop averages the gradients over ranks after
+the backward (:func:`speculation.distributed.average_gradients`), so clipping and the optimizer see the same
+gradients everywhere; rank 0's parameters are broadcast once at the start. Every rank reads the checkpoint it
+resumes from; rank 0 alone writes them (and shows progress). Each rank seeds torch from ``(seed, step, rank)``
+(rank 0 as a single process does), so the ranks' dropout draws differ from one another instead of repeating
+rank 0's.
 """
 
 from __future__ import annotations
@@ -17,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from speculation.distributed import Ranks, average_gradients, broadcast_parameters
 from speculation.errors import UserError
 from speculation.io import atomic_path
 from speculation.tracking import Tracker
@@ -45,9 +55,12 @@ def lr_at(step: int, cfg: Schedule) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def step_seed(seed: int, step: int) -> int:
-    """torch's seed at ``step``: the same random draws whether or not the run was resumed."""
-    return seed * 1_000_003 + step
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """torch's seed at ``step`` on ``rank``: the same random draws whether or not the run was resumed. Rank 0 (a
+    single process) keeps the seeds runs always had; another rank's seed is drawn from ``(seed, step, rank)``."""
+    if rank == 0:
+        return seed * 1_000_003 + step
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -76,13 +89,15 @@ def train_loop(
     desc: str,
     device: torch.device | str = "cpu",
     config_group: str = "train",
+    ranks: Ranks | None = None,
 ) -> tuple[LoopState, float]:
     """Train (resuming from ``state_path`` if it exists) until ``cfg.steps`` or an early stop.
 
     Returns the final state and the training time in seconds (this process and every earlier one). A loss that
     is not finite stops the run with a UserError naming the step and ``<config_group>.lr``. The caller checks
-    that ``state_path`` belongs to this config before calling.
+    that ``state_path`` belongs to this config before calling (on rank 0, before every rank reaches this).
     """
+    ranks = ranks or Ranks()
     state = LoopState()
     if state_path.exists():
         try:
@@ -92,11 +107,14 @@ def train_loop(
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         state = LoopState(**saved)
+    if ranks.world > 1:
+        broadcast_parameters(model)  # every rank starts from rank 0's weights, fresh or resumed
     started = time.perf_counter() - state.elapsed_s
     model.train()
-    progress = tqdm(range(state.step, cfg.steps), desc=desc, initial=state.step, total=cfg.steps)
+    progress = tqdm(range(state.step, cfg.steps), desc=desc, initial=state.step, total=cfg.steps,
+                    disable=not ranks.is_main)  # fmt: skip
     for step in progress:
-        torch.manual_seed(step_seed(seed, step))
+        torch.manual_seed(step_seed(seed, step, ranks.rank))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss, metrics = step_fn(step)
@@ -107,6 +125,8 @@ def train_loop(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if ranks.world > 1:
+            average_gradients(model.parameters())  # of the global loss: see speculation.distributed.total
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         record = {
@@ -124,7 +144,7 @@ def train_loop(
         state.step = step + 1
         if stop:
             break
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ranks.is_main:
             state.elapsed_s = time.perf_counter() - started
             with atomic_path(state_path) as tmp:
                 torch.save({**vars(state), "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)

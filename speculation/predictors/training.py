@@ -7,6 +7,14 @@ weights' sha256: what ``spec-evaluate`` loads; written last, it marks a finished
 resumes; a rerun, a resume and a reuse all present their identity first, so a run is never continued or reused
 under another config. The loop is :func:`speculation.trainer.train_loop`: every step's windows, masks and
 dropout draws derive from ``(seed, step)``, so a resumed run takes exactly the steps an uninterrupted one would.
+
+Under ``torchrun --nproc-per-node N`` (``ranks``) the run is data-parallel and its results do not depend on N:
+step ``s``'s global batch and masks are drawn as in a single process, and each rank takes a contiguous share of
+the rows (:func:`speculation.distributed.share`); every loss term's batch sums are summed over ranks
+(:func:`speculation.distributed.total`), so each rank's loss is the global batch's and the gradient averaged
+over ranks is its gradient. Validation deals the fixed batches round-robin and sums over ranks, so every rank sees the
+single-process numbers and stops early at the same step. Rank 0 alone claims, reuses and writes the run. Only
+dropout differs from a single process: a rank draws its masks for its own rows (``trainer.step_seed``).
 """
 
 from __future__ import annotations
@@ -23,14 +31,15 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from speculation.config.predictor import LossConfig, PredictorConfig
+from speculation.config.predictor import LOSS_TERMS, LossConfig, PredictorConfig
 from speculation.config.rules import learned_input_problem
 from speculation.config.stages import PLACEMENT_KEYS, TrainConfig
+from speculation.distributed import Ranks, main_decides, share, total
 from speculation.environment import environment
 from speculation.errors import UserError
 from speculation.identity import claim_identity, flatten
 from speculation.io import atomic_path, atomic_write_json, file_sha256, remove_stale_temps
-from speculation.losses import combine, confidence_loss, consistency_loss, diversity_loss, routing_loss
+from speculation.losses import Total, combine, confidence_loss, consistency_loss, diversity_loss, local, routing_loss
 from speculation.predictors.learned import PredictorInputs, build_model, learned_parameters
 from speculation.predictors.routers import RouterBank
 from speculation.predictors.trained import read_run
@@ -81,35 +90,52 @@ class WindowSource:
         )  # fmt: skip
 
 
-def loss_terms(model, inputs: PredictorInputs, targets: Targets, marginal_LDE, loss: LossConfig) -> tuple:
+def loss_terms(
+    model, inputs: PredictorInputs, targets: Targets, marginal_LDE, loss: LossConfig, total: Total = local
+) -> tuple:
+    """The model's outputs and every loss term on a batch; ``total`` sums the terms' batch sums over the ranks that
+    share a global batch (``speculation.losses``)."""
     outputs = model(inputs)
     logits, top1, valid = outputs.logits_BTLDE, targets.top1_BTLD, targets.valid_BTLD
     weight = 1.0 + loss.miss_weight * targets.miss_BTLD.float() if targets.miss_BTLD is not None else None
     terms = {
-        "routing": routing_loss(logits, top1, targets.probs_BTLDE, valid, loss.routing_mode, weight),
-        "confidence": confidence_loss(logits, outputs.confidence_BTLD, top1, valid),
-        "consistency": consistency_loss(logits, targets.pair_BT, valid),
-        "diversity": diversity_loss(logits, valid, marginal_LDE),
+        "routing": routing_loss(logits, top1, targets.probs_BTLDE, valid, loss.routing_mode, weight, total),
+        "confidence": confidence_loss(logits, outputs.confidence_BTLD, top1, valid, total),
+        "consistency": consistency_loss(logits, targets.pair_BT, valid, total),
+        "diversity": diversity_loss(logits, valid, marginal_LDE, total),
     }
     return outputs, terms
 
 
 @torch.no_grad()
-def validate(model, source: WindowSource, indices: np.ndarray, marginal_LDE, cfg: TrainConfig, device) -> dict:
-    """Mean loss terms and top-1 accuracy per lookahead on fixed validation windows (no masking)."""
+def validate(
+    model, source: WindowSource, indices: np.ndarray, marginal_LDE, cfg: TrainConfig, device, ranks: Ranks | None = None
+) -> dict:
+    """Mean loss terms and top-1 accuracy per lookahead on fixed validation windows (no masking).
+
+    Batch ``k`` of the windows runs on rank ``k % world`` and the sums are summed over ranks: every rank gets the
+    numbers a single process would, whatever the rank count."""
+    ranks = ranks or Ranks()
     model.eval()
-    sums: dict[str, float] = {}
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
     correct = np.zeros(cfg.predictor.max_lookahead)
     count = np.zeros(cfg.predictor.max_lookahead)
-    for start in range(0, len(indices), cfg.train.batch_size):
+    for batch, start in enumerate(range(0, len(indices), cfg.train.batch_size)):
+        if not ranks.owns(batch):
+            continue
         inputs, targets = source.batch(indices[start : start + cfg.train.batch_size])
         inputs, targets = _to(inputs, device), _to(targets, device)
         outputs, terms = loss_terms(model, inputs, targets, marginal_LDE, cfg.loss)
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+            sums[name] += float(value)
         hits = (outputs.logits_BTLDE.argmax(-1) == targets.top1_BTLD) & targets.valid_BTLD
         correct += hits.sum((0, 1, 2)).cpu().numpy()
         count += targets.valid_BTLD.sum((0, 1, 2)).cpu().numpy()
+    packed = torch.from_numpy(np.concatenate([list(sums.values()), correct, count]))  # float64: counts stay exact
+    if ranks.world > 1:
+        packed = total(packed)
+    sums = dict(zip(sums, packed[: len(sums)].tolist(), strict=True))
+    correct, count = np.split(packed[len(sums) :].numpy(), 2)
     batches = math.ceil(len(indices) / cfg.train.batch_size)
     model.train()
     metrics = {f"val/{name}": value / batches for name, value in sums.items()}
@@ -149,29 +175,59 @@ def claim_run(cfg: TrainConfig, store: TraceStore, out_dir: Path) -> None:
     claim_identity(out_dir / IDENTITY_FILE, identity, "a run with another config or traces", fix, defaults)
 
 
-def train_predictor(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
-    """Train, resume or reuse the predictor of ``cfg`` in ``out_dir``; returns its metrics.
+def check_ranks(cfg: TrainConfig, ranks: Ranks) -> None:
+    """Every rank needs at least one window of each step's global batch."""
+    if cfg.train.batch_size < ranks.world:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is smaller than the {ranks.world} ranks torchrun started, so "
+            f"some rank would get no window of a step; raise train.batch_size to at least {ranks.world} or launch "
+            f"at most {cfg.train.batch_size} ranks (--nproc-per-node)."
+        )
+
+
+def train_predictor(
+    cfg: TrainConfig,
+    store: TraceStore,
+    out_dir: Path,
+    device: torch.device,
+    tracker: Tracker,
+    ranks: Ranks | None = None,
+) -> dict:
+    """Train, resume or reuse the predictor of ``cfg`` in ``out_dir``; returns its metrics (on every rank).
 
     A finished run is reused only when its identity (:func:`run_identity`) matches and its weights match their
-    checksum; a run that fails before its first checkpoint leaves no directory behind.
+    checksum; a run that fails before its first checkpoint leaves no directory behind. Under torchrun every rank
+    calls this; rank 0 alone claims, reuses and writes the run.
     """
+    ranks = ranks or Ranks()
+    check_ranks(cfg, ranks)
     check_store(store, cfg.predictor)
     existed = out_dir.exists() and not cfg.train.overwrite  # overwrite: this run starts from nothing
+    finished = main_decides(lambda: _claim(cfg, store, out_dir))  # so no rank reads the directory before it is ready
+    if finished is not None:
+        return finished
+    try:
+        return _train(cfg, store, out_dir, device, tracker, ranks)
+    except BaseException:
+        if ranks.is_main and not existed and not (out_dir / STATE_FILE).exists():
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing to resume: leave nothing that looks like a run
+        raise
+
+
+def _claim(cfg: TrainConfig, store: TraceStore, out_dir: Path) -> dict | None:
+    """Claim ``out_dir`` for ``cfg``: a finished run's metrics (to reuse it), else None after clearing leftovers."""
     claim_run(cfg, store, out_dir)
     if (out_dir / PREDICTOR_FILE).exists():
         read_run(out_dir)  # a finished run with broken files is refused, never silently reused
         log.info("%s finished earlier with this config and these traces: reusing it", out_dir)
         return json.loads((out_dir / METRICS_FILE).read_text())
-    try:
-        return _train(cfg, store, out_dir, device, tracker)
-    except BaseException:
-        if not existed and not (out_dir / STATE_FILE).exists():
-            shutil.rmtree(out_dir, ignore_errors=True)  # nothing to resume: leave nothing that looks like a run
-        raise
-
-
-def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker) -> dict:
     remove_stale_temps(out_dir)
+    return None
+
+
+def _train(
+    cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.device, tracker: Tracker, ranks: Ranks
+) -> dict:
     miss_window = cfg.loss.miss_window if cfg.loss.miss_weight else None  # misses are computed only when weighted
     train, val = (WindowSource(store, s, cfg.predictor.max_lookahead, miss_window) for s in ("train", "val"))
     num_experts = store.num_experts
@@ -189,19 +245,22 @@ def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.dev
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     weights = cfg.loss.weights
+    rows = share(cfg.train.batch_size, ranks)  # this rank's rows of every global batch
+    batch_total = total if ranks.world > 1 else local  # sums over the global batch (a single process: the identity)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rng = np.random.default_rng([cfg.seed, step])
-        inputs, targets = train.batch(rng.integers(0, len(train), size=cfg.train.batch_size))
-        inputs.masked_BTL = torch.from_numpy(rng.random(inputs.probs_BTLE.shape[:3]) < cfg.train.mask_prob)
+        rng = np.random.default_rng([cfg.seed, step])  # the global batch and masks: (seed, step) alone, any rank count
+        inputs, targets = train.batch(rng.integers(0, len(train), size=cfg.train.batch_size)[rows])
+        masked_BTL = rng.random((cfg.train.batch_size, *inputs.probs_BTLE.shape[1:3])) < cfg.train.mask_prob
+        inputs.masked_BTL = torch.from_numpy(masked_BTL[rows])
         inputs, targets = _to(inputs, device), _to(targets, device)
-        _, terms = loss_terms(model, inputs, targets, marginal, cfg.loss)
+        _, terms = loss_terms(model, inputs, targets, marginal, cfg.loss, batch_total)  # the global batch's terms
         loss = combine(terms, weights)
         return loss, {"train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in terms.items()}}
 
     def on_eval(step: int, record: dict[str, float], state: LoopState) -> bool:
         """Keep the best checkpoint by validation routing loss; stop after ``patience`` evaluations without one."""
-        record.update(validate(model, val, val_indices, marginal, cfg, device))
+        record.update(validate(model, val, val_indices, marginal, cfg, device, ranks))
         best = state.extra.get("best")
         if best is None or record["val/routing"] < best["val/routing"]:
             state.extra["best"] = {k: v for k, v in record.items() if k.startswith("val/")} | {"step": step}
@@ -213,13 +272,13 @@ def _train(cfg: TrainConfig, store: TraceStore, out_dir: Path, device: torch.dev
 
     state, seconds = train_loop(
         model, optimizer, cfg.train, cfg.seed, out_dir / STATE_FILE, step_fn, on_eval, tracker,
-        desc=f"train {cfg.name}", device=device,
+        desc=f"train {cfg.name}", device=device, ranks=ranks,
     )  # fmt: skip
-    return _finish(cfg, store, out_dir, state, seconds, geometry)
+    return main_decides(lambda: _finish(cfg, store, out_dir, state, seconds, geometry, ranks))
 
 
 def _finish(
-    cfg: TrainConfig, store: TraceStore, out_dir: Path, state: LoopState, seconds: float, geometry: dict
+    cfg: TrainConfig, store: TraceStore, out_dir: Path, state: LoopState, seconds: float, geometry: dict, ranks: Ranks
 ) -> dict:
     """Write the best weights, curves, metrics and (last) predictor.json; drop the training state."""
     best_state = state.extra["best_state"]
@@ -230,6 +289,8 @@ def _finish(
         pd.DataFrame(state.history).to_csv(tmp, index=False)
     metrics = {"best": state.extra["best"], "steps_run": state.step, "train_time_s": seconds,
                "environment": environment(),  # the commit, versions and machine (threads: what timed it)
+               # how it ran: the results do not depend on it, the time does (environment's threads: per rank)
+               "ranks": {"world_size": ranks.world, "threads_per_rank": torch.get_num_threads()},
                "parameters": learned_parameters(best_state.items())}  # fmt: skip
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     meta = {
