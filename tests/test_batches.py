@@ -31,10 +31,17 @@ def test_a_batch_holds_its_rows_with_the_routers_distribution(tmp_path):
     assert first_rows(store, "test", 120) == slice(0, 150)  # whole 50-token sequences up to about 120 tokens
 
 
-def test_gate_lookahead_at_d0_reproduces_the_routers_choices_exactly(tmp_path):
+def test_gate_lookahead_at_d0_reproduces_the_routers_choices_up_to_float16_ties(tmp_path):
     store = write_store(tmp_path, tiny_model(), num_tokens=5_000)
     predictor = GateLookaheadPredictor.from_store(store)
     batch = load_batch(store, "test", slice(0, store.split("test").num_rows))
+    ties = 0
     for layer in range(L):
-        choice = predictor.predict(batch, layer, [0]).probs_NDE[:, 0].argmax(-1)
-        np.testing.assert_array_equal(choice, batch.experts_NLK[:, layer, 0])
+        probs_NE = predictor.predict(batch, layer, [0]).probs_NDE[:, 0]
+        chosen_N = batch.experts_NLK[:, layer, 0]
+        differ = probs_NE.argmax(-1) != chosen_N
+        # Gate lookahead scores float16 scores (as a store keeps them): where rounding ties the router's choice with
+        # another expert, argmax may name the other one; the router's choice is still a top score there.
+        np.testing.assert_array_equal(probs_NE[differ, chosen_N[differ]], probs_NE[differ].max(-1))
+        ties += int(differ.sum())
+    assert ties <= 0.01 * L * batch.num_rows
