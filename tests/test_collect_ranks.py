@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_COLLECT, compose_config, copy_workdir
 
 from speculation.stages.collect import collect
@@ -33,6 +34,15 @@ def digests(traces: Path) -> dict[str, str]:
         for path in sorted(traces.rglob("*"))
         if path.is_file()
     }
+
+
+def collect_here(overrides: list[str]) -> None:
+    """``spec-collect`` in this process at ``THREADS``, leaving torch's thread count as it was for later tests."""
+    threads = torch.get_num_threads()
+    try:
+        collect(compose_config("collect", [*TINY_COLLECT, THREADS, *overrides]))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def untraced(collected: Path, target: Path) -> Path:
@@ -54,7 +64,7 @@ def torchrun_collect(workdir: Path, *overrides: str, ranks: int = 2) -> subproce
 @pytest.fixture(scope="module")
 def one_rank(collected: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = untraced(collected, tmp_path_factory.mktemp("one-rank") / "work")
-    collect(compose_config("collect", [*TINY_COLLECT, THREADS, f"workdir={workdir}"]))
+    collect_here([f"workdir={workdir}"])
     return workdir
 
 
@@ -72,7 +82,7 @@ def test_compact_traces_too(collected: Path, tmp_path: Path):
     """Stored gate-lookahead scores and a seeded projection, in bfloat16: every rank draws the same projection."""
     compact = ["trace.gate_lookahead=2", "trace.hidden_projection=8", "trace.hidden_dtype=bfloat16"]
     one, two = untraced(collected, tmp_path / "one"), untraced(collected, tmp_path / "two")
-    collect(compose_config("collect", [*TINY_COLLECT, THREADS, *compact, f"workdir={one}"]))
+    collect_here([*compact, f"workdir={one}"])
     torchrun_collect(two, *compact)
     files = digests(one / "traces")
     assert "train/shard-00001/lookahead_logits.npy" in files and "hidden_projection.safetensors" in files

@@ -18,7 +18,7 @@ from speculation.config import to_object
 from speculation.config.model import ModelKind
 from speculation.config.stages import CollectConfig
 from speculation.corpus import corpus_fingerprint, load_documents, split_documents
-from speculation.distributed import Ranks, barrier, main_first, process_group
+from speculation.distributed import Ranks, barrier, main_decides, main_first, process_group
 from speculation.errors import MissingInputError, UserError
 from speculation.identity import json_sha256
 from speculation.io import file_sha256
@@ -208,7 +208,15 @@ def _collect(cfg: CollectConfig, workdir: Workdir, device: torch.device, ranks: 
         cfg, job_type="collect", name=f"collect-{cfg.model.display_name}", tags=[cfg.model.display_name, router_tag]
     )
     try:
-        with main_first(ranks):  # rank 0 trains the tokenizer and source model; the others then load them
+        # Rank 0 trains the embedded tokenizer and model, which the others then load; a trained one, a checkpoint or
+        # a model of another workdir is only read, so every rank loads it at once (rank 0 decides which, so no rank
+        # sees the weights appear halfway).
+        trains = (
+            cfg.model.kind == ModelKind.embedded
+            and trained_elsewhere is None
+            and not main_decides(lambda: (workdir.source_model / WEIGHTS_FILE).is_file())
+        )
+        with main_first(ranks) if trains else nullcontext():
             if trained_elsewhere is not None:
                 source = source_from_workdir(cfg, trained_elsewhere, fingerprint, splits, device)
             elif cfg.model.kind == ModelKind.embedded:
