@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import alternating_rounds, report
+
 from speculation.environment import available_cores, cpu_name
 from speculation.workdir import MANIFEST_FILE
 
@@ -71,34 +73,33 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="the collect config of the workdir (after --)")
     args = parser.parse_args()
     modes = commands(args.ranks, args.overrides)
-    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     digests: dict[str, set[str]] = {mode: set() for mode in modes}
-    tokens = 0
+    tokens: list[int] = []
     with tempfile.TemporaryDirectory() as scratch:
-        for repeat in range(args.repeats):
-            for mode in modes if repeat % 2 == 0 else reversed(list(modes)):
-                wall, tokens, digest = collect_once(args.workdir, modes[mode], Path(scratch))
-                seconds[mode].append(wall)
-                digests[mode].add(digest)
-                print(f"round {repeat}: {mode}: {wall:.1f} s", flush=True)
+
+        def measure(mode: str, repeat: int) -> float:
+            wall, traced, digest = collect_once(args.workdir, modes[mode], Path(scratch))
+            tokens.append(traced)
+            digests[mode].add(digest)
+            return wall
+
+        seconds = alternating_rounds(list(modes), args.repeats, measure, "s")
     medians = {mode: statistics.median(values) for mode, values in seconds.items()}
     one, many = medians.values()
     result = {
         "machine": f"{cpu_name()}, {available_cores()} cores ({platform.machine()})",
-        "tokens": tokens,
+        "tokens": tokens[0],
         "threads": {mode: command[-1] for mode, command in modes.items()},
         "seconds": seconds,
         "median_s": medians,
-        "tokens_per_s": {mode: tokens / median for mode, median in medians.items()},
+        "tokens_per_s": {mode: tokens[0] / median for mode, median in medians.items()},
         "speedup": one / many,
         # Every round of a mode writes the same bytes; across modes only where the thread counts agree (float
         # reductions may round differently with another thread count: the ranks' shards are one process' at 1 thread).
         "repeatable_per_mode": all(len(found) == 1 for found in digests.values()),
         "identical_across_modes": len(set().union(*digests.values())) == 1,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

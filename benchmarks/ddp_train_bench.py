@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from timing import alternating_rounds, report
+
 from speculation.environment import available_cores, cpu_name
 from speculation.workdir import METRICS_FILE, Workdir
 
@@ -60,13 +62,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="more spec-train overrides (e.g. predictor.d_model=32)")
     args = parser.parse_args()
     plan = modes(args.ranks)
-    rates: dict[str, list[float]] = {mode: [] for mode in plan}
-    for repeat in range(args.repeats):
-        order = list(plan) if repeat % 2 == 0 else list(reversed(plan))
-        for mode in order:
-            ranks, threads = plan[mode]
-            rates[mode].append(run(args.workdir, args, ranks, threads, f"{mode}-{repeat}"))
-            print(f"round {repeat}: {mode} {rates[mode][-1]:.1f} steps/s", flush=True)
+    rates = alternating_rounds(
+        list(plan),
+        args.repeats,
+        lambda mode, repeat: run(args.workdir, args, *plan[mode], f"{mode}-{repeat}"),
+        "steps/s",
+    )
     median = {mode: statistics.median(values) for mode, values in rates.items()}
     single, parallel = plan
     result = {
@@ -76,9 +77,7 @@ def main() -> None:
         "steps_per_s": rates, "median_steps_per_s": median,
         "ratio_ranks_to_1_rank": median[parallel] / median[single],
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

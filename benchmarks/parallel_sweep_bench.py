@@ -12,7 +12,6 @@ row" are reported. Not a test: nothing here asserts.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from timing import alternating_rounds, report
 
 from speculation.environment import available_cores, cpu_name
 from speculation.workdir import Workdir
@@ -55,21 +56,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     sweep_dir = args.workdir / "logs" / "parallel_sweep_bench"
-    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for repeat in range(args.repeats):
-        order = list(MODES) if repeat % 2 == 0 else list(reversed(MODES))
-        for mode in order:
-            seconds[mode].append(sweep(args.workdir, args.kind, args.steps, mode, f"{mode}-{repeat}", sweep_dir))
-            print(f"round {repeat}: {mode} {seconds[mode][-1]:.1f} s", flush=True)
+    seconds = alternating_rounds(
+        list(MODES), args.repeats,
+        lambda mode, repeat: sweep(args.workdir, args.kind, args.steps, mode, f"{mode}-{repeat}", sweep_dir), "s",
+    )  # fmt: skip
     median = {mode: statistics.median(values) for mode, values in seconds.items()}
     result = {
         "machine": f"{cpu_name()}, {available_cores()} cores, {platform.python_version()}",
         "kind": args.kind, "steps": args.steps, "jobs": 2, "seconds": seconds, "median_s": median,
         "ratio_to_in_a_row": {mode: median[mode] / median["in_a_row"] for mode in MODES},
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":
