@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from speculation.distributed import Ranks, average_gradients, broadcast_parameters
+from speculation.distributed import SINGLE_PROCESS, Ranks, average_gradients, broadcast_parameters
 from speculation.errors import UserError
 from speculation.io import atomic_path
 from speculation.tracking import Tracker
@@ -89,7 +89,7 @@ def train_loop(
     desc: str,
     device: torch.device | str = "cpu",
     config_group: str = "train",
-    ranks: Ranks | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> tuple[LoopState, float]:
     """Train (resuming from ``state_path`` if it exists) until ``cfg.steps`` or an early stop.
 
@@ -97,7 +97,6 @@ def train_loop(
     is not finite stops the run with a UserError naming the step and ``<config_group>.lr``. The caller checks
     that ``state_path`` belongs to this config before calling (on rank 0, before every rank reaches this).
     """
-    ranks = ranks or Ranks()
     state = LoopState()
     if state_path.exists():
         try:
@@ -107,8 +106,7 @@ def train_loop(
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         state = LoopState(**saved)
-    if ranks.world > 1:
-        broadcast_parameters(model)  # every rank starts from rank 0's weights, fresh or resumed
+    broadcast_parameters(model)  # every rank starts from rank 0's weights, fresh or resumed (a plain run: no-op)
     started = time.perf_counter() - state.elapsed_s
     model.train()
     progress = tqdm(range(state.step, cfg.steps), desc=desc, initial=state.step, total=cfg.steps,
@@ -125,8 +123,7 @@ def train_loop(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if ranks.world > 1:
-            average_gradients(model.parameters())  # of the global loss: see speculation.distributed.total
+        average_gradients(model.parameters())  # of the global loss: see speculation.distributed.total
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         record = {

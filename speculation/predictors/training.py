@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from speculation.config.predictor import LOSS_TERMS, LossConfig, PredictorConfig
 from speculation.config.rules import learned_input_problem
 from speculation.config.stages import PLACEMENT_KEYS, TrainConfig
-from speculation.distributed import Ranks, main_decides, share, total
+from speculation.distributed import SINGLE_PROCESS, Ranks, main_decides, share, total
 from speculation.environment import environment
 from speculation.errors import UserError
 from speculation.identity import claim_identity, flatten
@@ -109,13 +109,18 @@ def loss_terms(
 
 @torch.no_grad()
 def validate(
-    model, source: WindowSource, indices: np.ndarray, marginal_LDE, cfg: TrainConfig, device, ranks: Ranks | None = None
+    model,
+    source: WindowSource,
+    indices: np.ndarray,
+    marginal_LDE,
+    cfg: TrainConfig,
+    device,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> dict:
     """Mean loss terms and top-1 accuracy per lookahead on fixed validation windows (no masking).
 
     Batch ``k`` of the windows runs on rank ``k % world`` and the sums are summed over ranks: every rank gets the
     numbers a single process would, whatever the rank count."""
-    ranks = ranks or Ranks()
     model.eval()
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     correct = np.zeros(cfg.predictor.max_lookahead)
@@ -132,8 +137,7 @@ def validate(
         correct += hits.sum((0, 1, 2)).cpu().numpy()
         count += targets.valid_BTLD.sum((0, 1, 2)).cpu().numpy()
     packed = torch.from_numpy(np.concatenate([list(sums.values()), correct, count]))  # float64: counts stay exact
-    if ranks.world > 1:
-        packed = total(packed)
+    packed = total(packed)  # a plain run: the identity
     sums = dict(zip(sums, packed[: len(sums)].tolist(), strict=True))
     correct, count = np.split(packed[len(sums) :].numpy(), 2)
     batches = math.ceil(len(indices) / cfg.train.batch_size)
@@ -191,7 +195,7 @@ def train_predictor(
     out_dir: Path,
     device: torch.device,
     tracker: Tracker,
-    ranks: Ranks | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> dict:
     """Train, resume or reuse the predictor of ``cfg`` in ``out_dir``; returns its metrics (on every rank).
 
@@ -199,7 +203,6 @@ def train_predictor(
     checksum; a run that fails before its first checkpoint leaves no directory behind. Under torchrun every rank
     calls this; rank 0 alone claims, reuses and writes the run.
     """
-    ranks = ranks or Ranks()
     check_ranks(cfg, ranks)
     check_store(store, cfg.predictor)
     existed = out_dir.exists() and not cfg.train.overwrite  # overwrite: this run starts from nothing
@@ -246,7 +249,6 @@ def _train(
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     weights = cfg.loss.weights
     rows = share(cfg.train.batch_size, ranks)  # this rank's rows of every global batch
-    batch_total = total if ranks.world > 1 else local  # sums over the global batch (a single process: the identity)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = np.random.default_rng([cfg.seed, step])  # the global batch and masks: (seed, step) alone, any rank count
@@ -254,7 +256,7 @@ def _train(
         masked_BTL = rng.random((cfg.train.batch_size, *inputs.probs_BTLE.shape[1:3])) < cfg.train.mask_prob
         inputs.masked_BTL = torch.from_numpy(masked_BTL[rows])
         inputs, targets = _to(inputs, device), _to(targets, device)
-        _, terms = loss_terms(model, inputs, targets, marginal, cfg.loss, batch_total)  # the global batch's terms
+        _, terms = loss_terms(model, inputs, targets, marginal, cfg.loss, total)  # the global batch's terms
         loss = combine(terms, weights)
         return loss, {"train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in terms.items()}}
 

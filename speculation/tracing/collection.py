@@ -30,7 +30,7 @@ from speculation.distributed import SINGLE_PROCESS, Ranks, barrier, broadcast_ob
 from speculation.errors import UserError
 from speculation.health import RouterHealth
 from speculation.identity import claim_identity
-from speculation.io import atomic_path, atomic_write_json
+from speculation.io import atomic_path, atomic_write_json, remove_stale_temps
 from speculation.plots import save_figure, utilisation_heatmap
 from speculation.traces import SplitWriter, write_manifest
 from speculation.traces.store import LOOKAHEAD_FILL, manifest_dtypes
@@ -249,7 +249,7 @@ def collect_traces(
         for stack in stacks:  # until the end, no store may look complete
             (workdir.traces(stack) / MANIFEST_FILE).unlink(missing_ok=True)
             for split in cfg.splits:  # a killed writer's leftovers go before any rank writes again
-                SplitWriter(workdir.traces(stack), split)
+                remove_stale_temps(workdir.traces(stack) / split)
     barrier()
     recorders = {stack: RoutingRecorder(model, stack=stack, **_recorder_options(cfg)) for stack in stacks}
     writers = {  # no cleaning here: another rank may be writing a shard already
